@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install everything ImageLM needs, then run every test: the export check, nbdev_test over
+# nbs/ (lessons included) and pytest. Any failure fails the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# torch: keep an installed one; otherwise take the pinned CPU wheel, never a CUDA build.
+if ! python -c "import torch" 2>/dev/null; then
+    python -m pip install --quiet "torch==2.13.0"
+fi
+python -m pip install --quiet -e ".[dev]"
+
+echo "== export check: nbdev_export must leave imagelm/ as committed"
+nbdev_export
+if [ -n "$(git status --porcelain -- imagelm)" ]; then
+    git status --porcelain -- imagelm
+    git --no-pager diff --stat -- imagelm
+    echo "FAIL: imagelm/ differs from what the notebooks export; run nbdev_export and commit both." >&2
+    exit 1
+fi
+
+echo "== clean check: notebooks must be committed clean (nbdev_clean)"
+nbdev_clean
+if [ -n "$(git status --porcelain -- nbs)" ]; then
+    git status --porcelain -- nbs
+    echo "FAIL: notebooks carry outputs or metadata; run nbdev_clean and commit." >&2
+    exit 1
+fi
+
+echo "== nbdev_test over nbs/ and nbs/lessons/"
+n_notebooks=$(find nbs -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' | wc -l)
+if [ "$n_notebooks" -eq 0 ]; then echo "FAIL: no notebooks to test" >&2; exit 1; fi
+nbdev_test --n_workers 2 --timing
+
+echo "== pytest tests/"
+python -m pytest tests/ -q
