@@ -1,0 +1,116 @@
+"Model properties that need many configurations or random trials: masks honoured end to end, 2-D positions, GQA."
+import math
+
+import pytest
+import torch
+
+from imagelm.model import (ImageLM, ModelConfig, flops_per_position, parameter_counts, randomize_output_projections,
+                           rotary_cos_sin)
+from imagelm.render import RenderConfig, Span
+from imagelm.segments import Bytes, Pixels, dense_mask, pack, special
+
+
+def perturbed(cfg: ModelConfig, seed: int = 0) -> ImageLM:
+    "A model whose zero-initialised output projections are made non-zero, so that every layer matters."
+    torch.manual_seed(seed)
+    return randomize_output_projections(ImageLM(cfg), std=0.05, head_std=0.05).eval()
+
+
+def hidden_of(model: ImageLM, batch) -> torch.Tensor:
+    x = model.embed(batch.byte_ids, batch.is_pixel, patches=batch.patches())
+    return model.hidden(x, batch.pos, batch.grid, batch.is_pixel, dense_mask(batch.seg_id, batch.is_pixel, batch.doc_id))
+
+
+def doc(page: str, reply: str) -> list:
+    return [Bytes([special('<|bos|>')], train=False), Pixels(page), Bytes.text(reply, before=('<|continue|>',))]
+
+
+CFGS = [ModelConfig(depth=2, seq_len=96, render=RenderConfig(page_chars=16)),
+        ModelConfig(depth=2, d_model=96, n_head=4, n_kv_head=2, seq_len=96, render=RenderConfig(page_chars=16)),
+        ModelConfig(depth=2, d_model=96, n_head=2, seq_len=96, positions='2d', render=RenderConfig(page_chars=16))]
+
+
+@pytest.mark.parametrize('cfg', CFGS, ids=['mha', 'gqa', '2d'])
+def test_packed_documents_do_not_see_each_other(cfg):
+    model = perturbed(cfg)
+    alone = pack([doc('first page here', ' and bytes')], cfg.seq_len, cfg.render)
+    packed = pack([doc('first page here', ' and bytes'), doc('other text', ' more')], cfg.seq_len, cfg.render)
+    changed = pack([doc('first page here', ' and bytes'), doc('DIFFERENT!!', ' zzz')], cfg.seq_len, cfg.render)
+    n = int((alone.doc_id[0] == 0).sum())
+    with torch.no_grad():
+        h_alone, h_packed, h_changed = (hidden_of(model, b)[0, :n] for b in (alone, packed, changed))
+    torch.testing.assert_close(h_packed, h_alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(h_changed, h_alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('cfg', CFGS, ids=['mha', 'gqa', '2d'])
+def test_pages_read_both_ways_and_bytes_only_backwards(cfg):
+    model = perturbed(cfg, seed=1)
+    a = pack([doc('abcdefgh ijklmnopq', ' xyz')], cfg.seq_len, cfg.render)
+    b = pack([doc('abcdefgh ijklmnoZZ', ' xyw')], cfg.seq_len, cfg.render)   # last patch of the page and last byte differ
+    with torch.no_grad(): ha, hb = hidden_of(model, a)[0], hidden_of(model, b)[0]
+    pixel = torch.nonzero(a.is_pixel[0]).flatten()
+    first_patch, last_byte = int(pixel[0]), int(torch.nonzero(a.doc_id[0] == 0).flatten()[-1])
+    assert not torch.allclose(ha[first_patch], hb[first_patch])                 # the first patch sees a later one
+    torch.testing.assert_close(ha[:first_patch], hb[:first_patch])              # the bos before the page does not
+    changed = [t for t in range(last_byte + 1) if not torch.allclose(ha[t], hb[t], atol=1e-6)]
+    assert changed[0] == first_patch and last_byte in changed
+    c = pack([doc('abcdefgh ijklmnopq', ' xyQ')], cfg.seq_len, cfg.render)          # only the last byte differs from a
+    with torch.no_grad(): hc = hidden_of(model, c)[0]
+    torch.testing.assert_close(hc[:last_byte], ha[:last_byte])                        # no earlier position sees it
+    assert not torch.allclose(hc[last_byte], ha[last_byte])
+
+
+def test_fused_equals_explicit_on_styled_free_batches_and_explicit_handles_colour():
+    cfg = CFGS[0]
+    model = perturbed(cfg)
+    plain = pack([doc('plain words', ' then bytes'), [Pixels(['bold ', Span('word', bold=True)]), Bytes.text('!')]],
+                 cfg.seq_len, cfg.render)
+    torch.testing.assert_close(model(plain, fused=True), model(plain, fused=False), rtol=1e-5, atol=1e-6)
+    coloured = pack([[Pixels(['red ', Span('word', color=(255, 0, 0))]), Bytes.text('ok', before=('<|continue|>',))]],
+                    cfg.seq_len, cfg.render)
+    assert not coloured.plain
+    black = pack([[Pixels(['red ', Span('word')]), Bytes.text('ok', before=('<|continue|>',))]], cfg.seq_len, cfg.render)
+    assert not torch.allclose(model(coloured), model(black))
+
+
+def test_2d_positions_rotate_patches_by_row_and_column_and_bytes_by_position():
+    cfg = ModelConfig(depth=1, d_model=96, n_head=2, seq_len=64, positions='2d', render=RenderConfig(page_chars=16))
+    batch = pack([doc('row zero text..\nrow one', ' b')], cfg.seq_len, cfg.render)
+    cos2, _ = rotary_cos_sin(batch.pos, batch.grid, batch.is_pixel, cfg)
+    cos1, _ = rotary_cos_sin(batch.pos, batch.grid, batch.is_pixel, ModelConfig(**{**cfg.__dict__, 'positions': '1d'}))
+    byte_positions = ~batch.is_pixel[0]
+    torch.testing.assert_close(cos2[0, 0][byte_positions], cos1[0, 0][byte_positions])
+    pixel = torch.nonzero(batch.is_pixel[0]).flatten()
+    assert not torch.allclose(cos2[0, 0][pixel], cos1[0, 0][pixel])
+    same_column = [int(t) for t in pixel if batch.grid[0, t, 1] == 0]
+    section = cfg.head_dim // 6
+    a, b = same_column[:2]
+    torch.testing.assert_close(cos2[0, 0, a, :section], cos2[0, 0, b, :section])               # same page start
+    torch.testing.assert_close(cos2[0, 0, a, 2 * section:], cos2[0, 0, b, 2 * section:])       # same column
+
+
+def test_loss_is_uniform_guess_at_init_and_decreases_when_fitting_one_batch():
+    torch.manual_seed(0)
+    cfg = CFGS[0]
+    model = ImageLM(cfg)
+    batch = pack([doc('fit me if you can', ' please, model')] * 2, cfg.seq_len, cfg.render)
+    first = model(batch)
+    assert abs(first.item() - math.log(cfg.vocab_size)) < 0.05
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        opt.zero_grad(); loss = model(batch); loss.backward(); opt.step()
+    assert loss.item() < first.item() / 3
+    assert model.patch_embed.weight.grad is not None and model.patch_embed.weight.grad.abs().sum() > 0
+
+
+def test_config_sizes_and_errors():
+    assert (ModelConfig(depth=20).d_model, ModelConfig(depth=20).n_head) == (1280, 10)
+    assert ModelConfig(depth=2, d_model=200, n_head=4).head_dim == 50
+    for bad, message in [(dict(depth=0), 'depth must be'), (dict(depth=2, n_head=3), 'divisible by n_head'),
+                         (dict(depth=2, n_head=4, n_kv_head=3), 'multiple of n_kv_head'), (dict(positions='3d'), "'1d' or '2d'"),
+                         (dict(depth=2, d_model=64, n_head=2, positions='2d'), 'multiple of 6')]:
+        with pytest.raises(ValueError, match=message): ModelConfig(**bad)
+    with torch.device('meta'): counts = parameter_counts(ImageLM(ModelConfig(depth=20)))
+    assert 380e6 < counts['total'] < 410e6
+    assert flops_per_position(ModelConfig(depth=20, seq_len=2048)) > 6 * counts['trunk']
