@@ -1,0 +1,156 @@
+"""Ablations of ImageLM's own choices, each variant trained for the same wall-clock and scored on the same val bpb.
+
+Variants (each changes one thing from `base`):
+- base: k=4 characters per patch, 1-D rotary positions, AdamW on the patch embedding, pages of ~256 characters,
+  blank patches kept;
+- k2, k8: 2 or 8 characters per patch;
+- pos2d: 2-D rotary positions (row, column) for patches (ModelConfig.positions='2d');
+- muon_patch: Muon instead of AdamW on the patch embedding (setup_optimizers(patch_embed='muon'));
+- pixel_chars_128, pixel_chars_512: shorter or longer pages in pretraining (DataConfig.pixel_chars);
+- skip_blank: patches without ink take no position (ModelConfig.skip_blank / DataConfig.skip_blank).
+
+Every variant is scored on the same targets with the same conditioning text: the pieces of val batches that the base
+loader cuts into rows of --seq_len / 2 positions (so that the same pieces, drawn at k=2, still fit one row),
+re-rendered with each variant's own render config. The default width, 144 (2 heads of 72), is one that 2-D rotary
+positions can split into three sections.
+
+Writes --out (default bench/results/ablate.json): one object per variant keyed by its name (val_bpb,
+positions_per_char, chars_per_s, flops, minutes, steps, the curve, and its settings), plus machine, config and
+corpus_hash; and a PNG beside it.
+
+    python bench/ablate.py                       # every variant, 3 minutes each
+    python bench/ablate.py --variants base k2 k8 --minutes 5
+"""
+import argparse, sys, time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from imagelm.baselines import autocast_for, benchmark_model, machine_info, save_json, val_pieces
+from imagelm.corpus import load_embedded_corpus
+from imagelm.dataloader import DataConfig, PretrainLoader, make_source
+from imagelm.model import ModelConfig
+from imagelm.render import RenderConfig, get_atlas
+from imagelm.train import autodetect_device
+
+RESULTS = Path(__file__).resolve().parent / 'results'
+VARIANTS = {
+    'base': {},
+    'k2': dict(chars_per_patch=2),
+    'k8': dict(chars_per_patch=8),
+    'pos2d': dict(positions='2d'),
+    'muon_patch': dict(patch_embed='muon'),
+    'pixel_chars_128': dict(pixel_chars=128),
+    'pixel_chars_512': dict(pixel_chars=512),
+    'skip_blank': dict(skip_blank=True),
+}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a('--minutes', type=float, default=3.0, help='training wall-clock budget of each variant, in minutes (default 3)')
+    a('--flops', type=float, default=0.0, help='equal-FLOPs mode: training FLOPs budget of each variant (replaces --minutes)')
+    a('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS), help='which variants to run, in order')
+    a('--depth', type=int, default=2, help='transformer layers (default 2)')
+    a('--d_model', type=int, default=144, help='width (default 144: 2 heads of 72, divisible into 2-D rotary sections)')
+    a('--seq_len', type=int, default=512, help='positions per row')
+    a('--batch_rows', type=int, default=8, help='rows per batch')
+    a('--chars_per_patch', type=int, default=4, help='k of the base variant')
+    a('--page_chars', type=int, default=64, help='characters per rendered line')
+    a('--pixel_chars', type=int, default=256, help='page length of the base variant (and of the val pieces)')
+    a('--byte_chars', type=int, default=128, help='target characters in each byte span')
+    a('--data', default='embedded', help="'embedded', 'parquet' or a folder of parquet shards")
+    a('--eval_batches', type=int, default=16, help='val batches of --batch_rows x --seq_len/2 to cut the val pieces from')
+    a('--n_evals', type=int, default=4, help='val evaluations along the way (for the curve), plus one at the end')
+    a('--device', default=None, help='cpu, cuda or mps (default: detected)')
+    a('--dtype', choices=['float32', 'bfloat16'], default=None, help='autocast dtype (default bf16 on cuda, float32 elsewhere)')
+    a('--threads', type=int, default=0, help='torch threads on CPU (0: torch default)')
+    a('--seed', type=int, default=0, help='seed of weights and data jitter')
+    a('--out', default=str(RESULTS / 'ablate.json'), help='JSON to write; the PNG goes beside it')
+    a('--quiet', action='store_true', help='no per-step lines')
+    return p
+
+
+def settings(args, name: str) -> dict:
+    "The settings of variant `name`: the base ones from the flags, with the variant's change."
+    base = dict(chars_per_patch=args.chars_per_patch, positions='1d', patch_embed='adamw', pixel_chars=args.pixel_chars,
+                skip_blank=False)
+    return {**base, **VARIANTS[name]}
+
+
+def configs(args, s: dict) -> tuple:
+    render = RenderConfig(patch_w=8 * s['chars_per_patch'], page_chars=args.page_chars)
+    cfg = ModelConfig(depth=args.depth, d_model=args.d_model, seq_len=args.seq_len, positions=s['positions'],
+                      skip_blank=s['skip_blank'], render=render)
+    data_cfg = DataConfig.from_model(cfg, source=args.data, batch_rows=args.batch_rows, pixel_chars=s['pixel_chars'],
+                                     byte_chars=args.byte_chars, seed=args.seed)
+    return cfg, data_cfg
+
+
+def plot(runs: dict, path: Path, title: str):
+    import matplotlib
+    matplotlib.use('Agg', force=False)
+    import matplotlib.pyplot as plt
+    fig, axs = plt.subplots(1, 2, figsize=(12, 3.8))
+    for name, run in runs.items():
+        seconds, _, _, bpb = zip(*run['curve'])
+        axs[0].plot([s / 60 for s in seconds], bpb, 'o-', ms=3, label=name)
+    axs[0].set(xlabel='training wall-clock (minutes)', ylabel='val bits per byte', title=title)
+    axs[0].legend(fontsize=7); axs[0].grid(alpha=.3)
+    names = list(runs)
+    axs[1].barh(names, [runs[n]['val_bpb'] for n in names], color=['tab:gray' if n == 'base' else 'tab:blue' for n in names])
+    lo = min(runs[n]['val_bpb'] for n in names)
+    axs[1].set(xlabel='final val bits per byte (lower is better)', xlim=(lo * 0.97, None), title='at the end of the budget')
+    axs[1].invert_yaxis()
+    for i, n in enumerate(names): axs[1].text(runs[n]['val_bpb'], i, f" {runs[n]['val_bpb']:.3f}", va='center', fontsize=7)
+    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    if args.flops <= 0 and args.minutes <= 0: sys.exit('give a positive --minutes or --flops budget')
+    if args.threads: torch.set_num_threads(args.threads)
+    device = args.device or autodetect_device()
+    autocast = autocast_for(device, args.dtype)
+    base_cfg, base_data = configs(args, settings(args, 'base'))
+    get_atlas(base_cfg.render.cell_w, base_cfg.render.cell_h)
+    half = replace(base_data, split='val', seq_len=args.seq_len // 2)
+    val_loader = PretrainLoader(half, loop=False)
+    pieces = val_pieces([b for _, b in zip(range(args.eval_batches), val_loader)]); val_loader.close()
+    budget = dict(flops=args.flops) if args.flops > 0 else dict(minutes=args.minutes)
+    print(f"{len(pieces)} val pieces; variants {', '.join(args.variants)}; depth {args.depth}, width {args.d_model}; "
+          f"budget {budget} each; {device}", flush=True)
+    log = None if args.quiet else (lambda line: print('  ' + line, flush=True))
+    result = {}
+    for name in args.variants:
+        s = settings(args, name)
+        cfg, data_cfg = configs(args, s)
+        t0 = time.perf_counter()
+        run = benchmark_model('imagelm', cfg, data_cfg, pieces, patch_embed=s['patch_embed'], n_evals=args.n_evals,
+                              seed=args.seed, device=device, autocast=autocast, log=log, **budget)
+        losses = run.pop('losses')
+        run.update(losses=losses[::max(1, len(losses) // 100)], settings=s)
+        result[name] = run
+        print(f"{name:16s} val bpb {run['val_bpb']:.4f} | {run['steps']} steps in {run['minutes']:.2f} min | "
+              f"{run['chars_per_s']:,.0f} chars/s | {run['positions_per_char']:.3f} positions/char | {run['flops']:.3g} FLOPs | "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+    targets = {result[n]['val_targets'] for n in args.variants}
+    if len(targets) != 1: raise RuntimeError(f'the variants were scored on different numbers of target bytes: {targets}')
+    corpus = load_embedded_corpus().content_hash if args.data == 'embedded' else make_source(args.data, 'train').name
+    result.update(mode='flops' if args.flops > 0 else 'minutes', budget=budget, machine=machine_info(device),
+                  corpus_hash=corpus, variants=list(args.variants),
+                  config=dict(vars(args), device=device, val_pieces=len(pieces), val_targets=targets.pop()),
+                  created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+    out = Path(args.out)
+    save_json(result, out)
+    png = out.with_suffix('.png')
+    what = f'{args.flops:.3g} FLOPs' if args.flops > 0 else f'{args.minutes:g} min'
+    plot({n: result[n] for n in args.variants}, png, f'ImageLM ablations, depth {args.depth}, {what} each')
+    print(f'wrote {out} and {png}')
+    return result
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,124 @@
+"""Does reading pixels pay? ImageLM against a byte GPT and a byte-patch model, at equal compute.
+
+- imagelm: pages of pixels in (fused render-and-embed path), bytes out.
+- byte_gpt: bytes in, bytes out, causal, one position per byte: the standard tokenizer-free model.
+- byte_patch: ImageLM's segment format and attention, k characters per input position, but each position embeds the
+  UTF-8 bytes of its k characters instead of their pixels (`imagelm.baselines.SlotByteEmbedding`).
+
+All three are the same trunk (--depth, width 64 x depth unless --d_model), trained one after another for the same
+budget: --minutes of training wall-clock each (default 10; evaluation not counted), or --flops training FLOPs each
+(`imagelm.baselines.batch_flops`). They are scored on the same val targets: the byte spans of the first
+--eval_batches val batches of the pretraining loader (held-out documents of the embedded corpus), conditioned on the
+same preceding text (pages for imagelm and byte_patch, their bytes for byte_gpt). The byte GPT's rows are as long as
+the longest of those val pieces in bytes (--byte_seq_len to override), so it never reads a position it did not train
+on. The homoglyph table scores each model again with look-alike letters swapped into the conditioning text (targets
+clean); homoglyph text is longer in bytes, and a piece that no longer fits the byte GPT's rows is read in sliding
+windows (`imagelm.baselines.byte_windows`; counted as `windowed`).
+
+Writes --out (default bench/results/compare.json): one object per model keyed imagelm, byte_gpt, byte_patch, each with
+val_bpb, positions_per_char, chars_per_s, flops, minutes (and steps, parameters, seq_len, the val bpb curve, the
+homoglyph row), plus machine, config and corpus_hash; and a PNG of val bpb against wall-clock (and FLOPs) beside it.
+
+    python bench/compare.py                    # 10 minutes each, on the detected device
+    python bench/compare.py --minutes 1        # a smoke test on a CPU
+    python bench/compare.py --flops 2e13       # equal FLOPs instead of equal wall-clock
+    python bench/compare.py --device cuda --depth 8 --minutes 10
+"""
+import argparse, sys, time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from imagelm.baselines import (KINDS, autocast_for, benchmark_model, byte_seq_len_for, machine_info, plot_curves_by_time,
+                               save_json, val_pieces)
+from imagelm.corpus import load_embedded_corpus
+from imagelm.dataloader import DataConfig, PretrainLoader, make_source
+from imagelm.model import ModelConfig
+from imagelm.render import RenderConfig, get_atlas
+from imagelm.train import autodetect_device
+
+RESULTS = Path(__file__).resolve().parent / 'results'
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a('--minutes', type=float, default=10.0, help='training wall-clock budget of each model, in minutes (default 10)')
+    a('--flops', type=float, default=0.0, help='equal-FLOPs mode: training FLOPs budget of each model (replaces --minutes)')
+    a('--models', nargs='+', default=list(KINDS), choices=list(KINDS), help='which models to run, in order')
+    a('--depth', type=int, default=2, help='transformer layers of every model (default 2)')
+    a('--d_model', type=int, default=None, help='width (default 64 x depth)')
+    a('--seq_len', type=int, default=512, help='positions per row for imagelm and byte_patch')
+    a('--byte_seq_len', type=int, default=0, help="positions per row for byte_gpt (0: the longest val piece in bytes)")
+    a('--batch_rows', type=int, default=8, help='rows per batch')
+    a('--chars_per_patch', type=int, default=4, help='k, characters per patch')
+    a('--page_chars', type=int, default=64, help='characters per rendered line')
+    a('--pixel_chars', type=int, default=256, help='target characters on each page')
+    a('--byte_chars', type=int, default=128, help='target characters in each byte span')
+    a('--data', default='embedded', help="'embedded', 'parquet' or a folder of parquet shards")
+    a('--eval_batches', type=int, default=8, help='val batches (of --batch_rows x --seq_len) to score on')
+    a('--n_evals', type=int, default=6, help='val evaluations along the way (for the curve), plus one at the end')
+    a('--homoglyph_rate', type=float, default=1.0, help='share of look-alike letters swapped for the homoglyph table (0: skip)')
+    a('--device', default=None, help='cpu, cuda or mps (default: detected)')
+    a('--dtype', choices=['float32', 'bfloat16'], default=None, help='autocast dtype (default bf16 on cuda, float32 elsewhere)')
+    a('--threads', type=int, default=0, help='torch threads on CPU (0: torch default)')
+    a('--seed', type=int, default=0, help='seed of weights, data jitter and homoglyph places')
+    a('--out', default=str(RESULTS / 'compare.json'), help='JSON to write; the PNG goes beside it')
+    a('--quiet', action='store_true', help='no per-step lines')
+    return p
+
+
+def corpus_hash(data: str) -> str:
+    return load_embedded_corpus().content_hash if data == 'embedded' else make_source(data, 'train').name
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    if args.flops <= 0 and args.minutes <= 0: sys.exit('give a positive --minutes or --flops budget')
+    if args.threads: torch.set_num_threads(args.threads)
+    device = args.device or autodetect_device()
+    autocast = autocast_for(device, args.dtype)
+    render = RenderConfig(patch_w=8 * args.chars_per_patch, page_chars=args.page_chars)
+    cfg = ModelConfig(depth=args.depth, d_model=args.d_model, seq_len=args.seq_len, render=render)
+    data_cfg = DataConfig.from_model(cfg, source=args.data, batch_rows=args.batch_rows, pixel_chars=args.pixel_chars,
+                                     byte_chars=args.byte_chars, seed=args.seed)
+    get_atlas(render.cell_w, render.cell_h)
+    val_loader = PretrainLoader(replace(data_cfg, split='val'), loop=False)
+    val = [b for _, b in zip(range(args.eval_batches), val_loader)]; val_loader.close()
+    pieces = val_pieces(val)
+    byte_seq_len = args.byte_seq_len or byte_seq_len_for(pieces)
+    budget = dict(flops=args.flops) if args.flops > 0 else dict(minutes=args.minutes)
+    mode = 'flops' if args.flops > 0 else 'minutes'
+    print(f"{len(pieces)} val pieces; {', '.join(args.models)}: depth {cfg.depth}, width {cfg.d_model}, k={render.chars_per_patch}; "
+          f"rows of {cfg.seq_len} positions (byte_gpt {byte_seq_len}); budget {budget} each; {device}", flush=True)
+    log = None if args.quiet else (lambda line: print('  ' + line, flush=True))
+    result = {}
+    for kind in args.models:
+        t0 = time.perf_counter()
+        run = benchmark_model(kind, cfg, data_cfg, pieces, byte_seq_len=byte_seq_len, n_evals=args.n_evals,
+                              homoglyph_rate=args.homoglyph_rate, seed=args.seed, device=device, autocast=autocast,
+                              log=log, **budget)
+        losses = run.pop('losses')
+        run['losses'] = losses[::max(1, len(losses) // 100)]
+        result[kind] = run
+        h = run.get('homoglyph')
+        print(f"{kind:10s} val bpb {run['val_bpb']:.4f} | {run['steps']} steps in {run['minutes']:.2f} min | "
+              f"{run['chars_per_s']:,.0f} chars/s | {run['positions_per_char']:.3f} positions/char | {run['flops']:.3g} FLOPs"
+              + (f" | homoglyphs {h['clean']:.4f} -> {h['swapped']:.4f}" if h else '') + f" | {time.perf_counter() - t0:.0f} s",
+              flush=True)
+    result.update(mode=mode, budget=budget, machine=machine_info(device), corpus_hash=corpus_hash(args.data),
+                  config=dict(vars(args), device=device, d_model=cfg.d_model, n_head=cfg.n_head, byte_seq_len=byte_seq_len,
+                              val_pieces=len(pieces)),
+                  models=list(args.models), created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+    out = Path(args.out)
+    save_json(result, out)
+    png = out.with_suffix('.png')
+    what = f'{args.flops:.3g} FLOPs' if mode == 'flops' else f'{args.minutes:g} min'
+    plot_curves_by_time({k: result[k] for k in args.models}, png, f'depth {cfg.depth}, width {cfg.d_model}, {what} each')
+    print(f'wrote {out} and {png}')
+    return result
+
+
+if __name__ == '__main__':
+    main()
