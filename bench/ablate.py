@@ -34,6 +34,8 @@ from imagelm.model import ModelConfig
 from imagelm.render import RenderConfig, get_atlas
 from imagelm.train import autodetect_device
 
+from flags import budget_parser
+
 RESULTS = Path(__file__).resolve().parent / 'results'
 VARIANTS = {
     'base': {},
@@ -48,28 +50,12 @@ VARIANTS = {
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = budget_parser(__doc__, 'variant', 3.0, 144, 'width (default 144: 2 heads of 72, divisible into 2-D rotary sections)',
+                      16, 'val batches of --batch_rows x --seq_len/2 to cut the val pieces from', 4, str(RESULTS / 'ablate.json'))
     a = p.add_argument
-    a('--minutes', type=float, default=3.0, help='training wall-clock budget of each variant, in minutes (default 3)')
-    a('--flops', type=float, default=0.0, help='equal-FLOPs mode: training FLOPs budget of each variant (replaces --minutes)')
     a('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS), help='which variants to run, in order')
-    a('--depth', type=int, default=2, help='transformer layers (default 2)')
-    a('--d_model', type=int, default=144, help='width (default 144: 2 heads of 72, divisible into 2-D rotary sections)')
-    a('--seq_len', type=int, default=512, help='positions per row')
-    a('--batch_rows', type=int, default=8, help='rows per batch')
     a('--chars_per_patch', type=int, default=4, help='k of the base variant')
-    a('--page_chars', type=int, default=64, help='characters per rendered line')
     a('--pixel_chars', type=int, default=256, help='page length of the base variant (and of the val pieces)')
-    a('--byte_chars', type=int, default=128, help='target characters in each byte span')
-    a('--data', default='embedded', help="'embedded', 'parquet' or a folder of parquet shards")
-    a('--eval_batches', type=int, default=16, help='val batches of --batch_rows x --seq_len/2 to cut the val pieces from')
-    a('--n_evals', type=int, default=4, help='val evaluations along the way (for the curve), plus one at the end')
-    a('--device', default=None, help='cpu, cuda or mps (default: detected)')
-    a('--dtype', choices=['float32', 'bfloat16'], default=None, help='autocast dtype (default bf16 on cuda, float32 elsewhere)')
-    a('--threads', type=int, default=0, help='torch threads on CPU (0: torch default)')
-    a('--seed', type=int, default=0, help='seed of weights and data jitter')
-    a('--out', default=str(RESULTS / 'ablate.json'), help='JSON to write; the PNG goes beside it')
-    a('--quiet', action='store_true', help='no per-step lines')
     return p
 
 

@@ -38,34 +38,20 @@ from imagelm.model import ModelConfig
 from imagelm.render import RenderConfig, get_atlas
 from imagelm.train import autodetect_device
 
+from flags import budget_parser
+
 RESULTS = Path(__file__).resolve().parent / 'results'
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = budget_parser(__doc__, 'model', 10.0, None, 'width (default 64 x depth)', 8,
+                      'val batches (of --batch_rows x --seq_len) to score on', 6, str(RESULTS / 'compare.json'))
     a = p.add_argument
-    a('--minutes', type=float, default=10.0, help='training wall-clock budget of each model, in minutes (default 10)')
-    a('--flops', type=float, default=0.0, help='equal-FLOPs mode: training FLOPs budget of each model (replaces --minutes)')
     a('--models', nargs='+', default=list(KINDS), choices=list(KINDS), help='which models to run, in order')
-    a('--depth', type=int, default=2, help='transformer layers of every model (default 2)')
-    a('--d_model', type=int, default=None, help='width (default 64 x depth)')
-    a('--seq_len', type=int, default=512, help='positions per row for imagelm and byte_patch')
     a('--byte_seq_len', type=int, default=0, help="positions per row for byte_gpt (0: the longest val piece in bytes)")
-    a('--batch_rows', type=int, default=8, help='rows per batch')
     a('--chars_per_patch', type=int, default=4, help='k, characters per patch')
-    a('--page_chars', type=int, default=64, help='characters per rendered line')
     a('--pixel_chars', type=int, default=256, help='target characters on each page')
-    a('--byte_chars', type=int, default=128, help='target characters in each byte span')
-    a('--data', default='embedded', help="'embedded', 'parquet' or a folder of parquet shards")
-    a('--eval_batches', type=int, default=8, help='val batches (of --batch_rows x --seq_len) to score on')
-    a('--n_evals', type=int, default=6, help='val evaluations along the way (for the curve), plus one at the end')
     a('--homoglyph_rate', type=float, default=1.0, help='share of look-alike letters swapped for the homoglyph table (0: skip)')
-    a('--device', default=None, help='cpu, cuda or mps (default: detected)')
-    a('--dtype', choices=['float32', 'bfloat16'], default=None, help='autocast dtype (default bf16 on cuda, float32 elsewhere)')
-    a('--threads', type=int, default=0, help='torch threads on CPU (0: torch default)')
-    a('--seed', type=int, default=0, help='seed of weights, data jitter and homoglyph places')
-    a('--out', default=str(RESULTS / 'compare.json'), help='JSON to write; the PNG goes beside it')
-    a('--quiet', action='store_true', help='no per-step lines')
     return p
 
 
