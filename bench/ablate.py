@@ -7,7 +7,8 @@ Variants (each changes one thing from `base`):
 - pos2d: 2-D rotary positions (row, column) for patches (ModelConfig.positions='2d');
 - muon_patch: Muon instead of AdamW on the patch embedding (setup_optimizers(patch_embed='muon'));
 - pixel_chars_128, pixel_chars_512: shorter or longer pages in pretraining (DataConfig.pixel_chars);
-- skip_blank: patches without ink take no position (ModelConfig.skip_blank / DataConfig.skip_blank).
+- skip_blank: patches without ink take no position (ModelConfig.skip_blank / DataConfig.skip_blank);
+- combinations, named by joining single changes with '+' (e.g. skip_blank+k8): the winners together.
 
 Every variant is scored on the same targets with the same conditioning text: the pieces of val batches that the base
 loader cuts into rows of --seq_len / 2 positions (so that the same pieces, drawn at k=2, still fit one row),
@@ -20,6 +21,7 @@ corpus_hash; and a PNG beside it.
 
     python bench/ablate.py                       # every variant, 3 minutes each
     python bench/ablate.py --variants base k2 k8 --minutes 5
+    python bench/ablate.py --variants base skip_blank+k8+pos2d --seeds 1 2
 """
 import argparse, sys, time
 from dataclasses import replace
@@ -32,9 +34,9 @@ from imagelm.corpus import load_embedded_corpus
 from imagelm.dataloader import DataConfig, PretrainLoader, make_source
 from imagelm.model import ModelConfig
 from imagelm.render import RenderConfig, get_atlas
-from imagelm.train import autodetect_device
+from imagelm.train import autodetect_device, peak_flops
 
-from flags import budget_parser
+from flags import VAL_SEED, add_mfu, budget_parser, over_seeds
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 VARIANTS = {
@@ -47,13 +49,29 @@ VARIANTS = {
     'pixel_chars_512': dict(pixel_chars=512),
     'skip_blank': dict(skip_blank=True),
 }
+COMBINATIONS = ['skip_blank+k8', 'skip_blank+pos2d', 'skip_blank+k8+pos2d', 'skip_blank+k8+pos2d+muon_patch']
+
+
+def variant(name: str) -> str:
+    "Check a variant name: one of VARIANTS, or several of them joined by '+', each changing a different setting."
+    parts = name.split('+')
+    unknown = [part for part in parts if part not in VARIANTS or part == 'base']
+    if unknown and name != 'base':
+        raise argparse.ArgumentTypeError(f"unknown variant {'+'.join(unknown)!r} in {name!r}: use base, one of "
+                                         f"{', '.join(v for v in VARIANTS if v != 'base')}, or several joined by '+'")
+    changed = [key for part in parts for key in VARIANTS[part]]
+    if len(changed) != len(set(changed)):
+        raise argparse.ArgumentTypeError(f'{name!r} changes the same setting twice')
+    return name
 
 
 def make_parser() -> argparse.ArgumentParser:
     p = budget_parser(__doc__, 'variant', 3.0, 144, 'width (default 144: 2 heads of 72, divisible into 2-D rotary sections)',
                       16, 'val batches of --batch_rows x --seq_len/2 to cut the val pieces from', 4, str(RESULTS / 'ablate.json'))
     a = p.add_argument
-    a('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS), help='which variants to run, in order')
+    a('--variants', nargs='+', type=variant, default=list(VARIANTS) + COMBINATIONS,
+      help="which variants to run, in order: base, single changes, or single changes joined by '+' (default: all "
+           "single changes, then the combinations of the winners)")
     a('--chars_per_patch', type=int, default=4, help='k of the base variant')
     a('--pixel_chars', type=int, default=256, help='page length of the base variant (and of the val pieces)')
     return p
@@ -63,15 +81,15 @@ def settings(args, name: str) -> dict:
     "The settings of variant `name`: the base ones from the flags, with the variant's change."
     base = dict(chars_per_patch=args.chars_per_patch, positions='1d', patch_embed='adamw', pixel_chars=args.pixel_chars,
                 skip_blank=False)
-    return {**base, **VARIANTS[name]}
+    return {**base, **{k: v for part in name.split('+') for k, v in VARIANTS[part].items()}}
 
 
-def configs(args, s: dict) -> tuple:
+def configs(args, s: dict, seed: int) -> tuple:
     render = RenderConfig(patch_w=8 * s['chars_per_patch'], page_chars=args.page_chars)
     cfg = ModelConfig(depth=args.depth, d_model=args.d_model, seq_len=args.seq_len, positions=s['positions'],
                       skip_blank=s['skip_blank'], render=render)
     data_cfg = DataConfig.from_model(cfg, source=args.data, batch_rows=args.batch_rows, pixel_chars=s['pixel_chars'],
-                                     byte_chars=args.byte_chars, seed=args.seed)
+                                     byte_chars=args.byte_chars, seed=seed)
     return cfg, data_cfg
 
 
@@ -100,7 +118,8 @@ def main(argv=None):
     if args.threads: torch.set_num_threads(args.threads)
     device = args.device or autodetect_device()
     autocast = autocast_for(device, args.dtype)
-    base_cfg, base_data = configs(args, settings(args, 'base'))
+    peak = peak_flops(device)   # measured on CPU, so before any loader thread starts
+    base_cfg, base_data = configs(args, settings(args, 'base'), VAL_SEED)
     get_atlas(base_cfg.render.cell_w, base_cfg.render.cell_h)
     half = replace(base_data, split='val', seq_len=args.seq_len // 2)
     val_loader = PretrainLoader(half, loop=False)
@@ -112,20 +131,26 @@ def main(argv=None):
     result = {}
     for name in args.variants:
         s = settings(args, name)
-        cfg, data_cfg = configs(args, s)
-        t0 = time.perf_counter()
-        run = benchmark_model('imagelm', cfg, data_cfg, pieces, patch_embed=s['patch_embed'], n_evals=args.n_evals,
-                              seed=args.seed, device=device, autocast=autocast, log=log, **budget)
-        losses = run.pop('losses')
-        run.update(losses=losses[::max(1, len(losses) // 100)], settings=s)
-        result[name] = run
-        print(f"{name:16s} val bpb {run['val_bpb']:.4f} | {run['steps']} steps in {run['minutes']:.2f} min | "
-              f"{run['chars_per_s']:,.0f} chars/s | {run['positions_per_char']:.3f} positions/char | {run['flops']:.3g} FLOPs | "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        runs = []
+        for seed in args.seeds:
+            cfg, data_cfg = configs(args, s, seed)
+            t0 = time.perf_counter()
+            run = benchmark_model('imagelm', cfg, data_cfg, pieces, patch_embed=s['patch_embed'], n_evals=args.n_evals,
+                                  seed=seed, device=device, autocast=autocast, log=log, **budget)
+            add_mfu(run, peak)
+            losses = run.pop('losses')
+            run.update(losses=losses[::max(1, len(losses) // 100)], settings=s)
+            runs.append(run)
+            print(f"{name:16s} seed {seed} val bpb {run['val_bpb']:.4f} | {run['steps']} steps in {run['minutes']:.2f} min | "
+                  f"{run['chars_per_s']:,.0f} chars/s | MFU {run['mfu_percent']:.1f}% | {run['positions_per_char']:.3f} positions/char | {run['flops']:.3g} FLOPs | "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+        result[name] = over_seeds(runs, args.seeds)
+        if len(runs) > 1: print(f"{name:16s} mean val bpb {result[name]['val_bpb']:.4f} ± {result[name]['val_bpb_std']:.4f}",
+                                flush=True)
     targets = {result[n]['val_targets'] for n in args.variants}
     if len(targets) != 1: raise RuntimeError(f'the variants were scored on different numbers of target bytes: {targets}')
     corpus = load_embedded_corpus().content_hash if args.data == 'embedded' else make_source(args.data, 'train').name
-    result.update(mode='flops' if args.flops > 0 else 'minutes', budget=budget, machine=machine_info(device),
+    result.update(mode='flops' if args.flops > 0 else 'minutes', budget=budget, machine=dict(machine_info(device), peak_flops=peak),
                   corpus_hash=corpus, variants=list(args.variants),
                   config=dict(vars(args), device=device, val_pieces=len(pieces), val_targets=targets.pop()),
                   created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))

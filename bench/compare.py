@@ -16,12 +16,13 @@ clean); homoglyph text is longer in bytes, and a piece that no longer fits the b
 windows (`imagelm.baselines.byte_windows`; counted as `windowed`).
 
 Writes --out (default bench/results/compare.json): one object per model keyed imagelm, byte_gpt, byte_patch, each with
-val_bpb, positions_per_char, chars_per_s, flops, minutes (and steps, parameters, seq_len, the val bpb curve, the
+val_bpb, positions_per_char, chars_per_s, flops, minutes (and mfu_percent, steps, parameters, seq_len, the val bpb curve, the
 homoglyph row), plus machine, config and corpus_hash; and a PNG of val bpb against wall-clock (and FLOPs) beside it.
 
     python bench/compare.py                    # 10 minutes each, on the detected device
     python bench/compare.py --minutes 1        # a smoke test on a CPU
     python bench/compare.py --flops 2e13       # equal FLOPs instead of equal wall-clock
+    python bench/compare.py --seeds 0 1 2      # each model three times; the JSON holds the mean and each seed
     python bench/compare.py --device cuda --depth 8 --minutes 10
 """
 import argparse, sys, time
@@ -36,9 +37,9 @@ from imagelm.corpus import load_embedded_corpus
 from imagelm.dataloader import DataConfig, PretrainLoader, make_source
 from imagelm.model import ModelConfig
 from imagelm.render import RenderConfig, get_atlas
-from imagelm.train import autodetect_device
+from imagelm.train import autodetect_device, peak_flops
 
-from flags import budget_parser
+from flags import VAL_SEED, add_mfu, budget_parser, over_seeds
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 
@@ -49,8 +50,12 @@ def make_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a('--models', nargs='+', default=list(KINDS), choices=list(KINDS), help='which models to run, in order')
     a('--byte_seq_len', type=int, default=0, help="positions per row for byte_gpt (0: the longest val piece in bytes)")
-    a('--chars_per_patch', type=int, default=4, help='k, characters per patch')
+    a('--chars_per_patch', type=int, default=RenderConfig().chars_per_patch, help='k, characters per patch (default: RenderConfig)')
+    a('--positions', choices=['1d', '2d'], default=ModelConfig().positions, help='rotary positions of patches (default: ModelConfig)')
+    a('--skip_blank', type=int, choices=[0, 1], default=int(ModelConfig().skip_blank),
+      help='1: patches without ink (all-blank positions for byte_patch) take no position (default: ModelConfig)')
     a('--pixel_chars', type=int, default=256, help='target characters on each page')
+    a('--patch_embed_optim', choices=['adamw', 'muon'], default='adamw', help="imagelm's patch embedding optimizer (default adamw)")
     a('--homoglyph_rate', type=float, default=1.0, help='share of look-alike letters swapped for the homoglyph table (0: skip)')
     return p
 
@@ -65,10 +70,12 @@ def main(argv=None):
     if args.threads: torch.set_num_threads(args.threads)
     device = args.device or autodetect_device()
     autocast = autocast_for(device, args.dtype)
+    peak = peak_flops(device)   # measured on CPU, so before any loader thread starts
     render = RenderConfig(patch_w=8 * args.chars_per_patch, page_chars=args.page_chars)
-    cfg = ModelConfig(depth=args.depth, d_model=args.d_model, seq_len=args.seq_len, render=render)
+    cfg = ModelConfig(depth=args.depth, d_model=args.d_model, seq_len=args.seq_len, positions=args.positions,
+                      skip_blank=bool(args.skip_blank), render=render)
     data_cfg = DataConfig.from_model(cfg, source=args.data, batch_rows=args.batch_rows, pixel_chars=args.pixel_chars,
-                                     byte_chars=args.byte_chars, seed=args.seed)
+                                     byte_chars=args.byte_chars, seed=VAL_SEED)
     get_atlas(render.cell_w, render.cell_h)
     val_loader = PretrainLoader(replace(data_cfg, split='val'), loop=False)
     val = [b for _, b in zip(range(args.eval_batches), val_loader)]; val_loader.close()
@@ -81,19 +88,26 @@ def main(argv=None):
     log = None if args.quiet else (lambda line: print('  ' + line, flush=True))
     result = {}
     for kind in args.models:
-        t0 = time.perf_counter()
-        run = benchmark_model(kind, cfg, data_cfg, pieces, byte_seq_len=byte_seq_len, n_evals=args.n_evals,
-                              homoglyph_rate=args.homoglyph_rate, seed=args.seed, device=device, autocast=autocast,
-                              log=log, **budget)
-        losses = run.pop('losses')
-        run['losses'] = losses[::max(1, len(losses) // 100)]
-        result[kind] = run
-        h = run.get('homoglyph')
-        print(f"{kind:10s} val bpb {run['val_bpb']:.4f} | {run['steps']} steps in {run['minutes']:.2f} min | "
-              f"{run['chars_per_s']:,.0f} chars/s | {run['positions_per_char']:.3f} positions/char | {run['flops']:.3g} FLOPs"
-              + (f" | homoglyphs {h['clean']:.4f} -> {h['swapped']:.4f}" if h else '') + f" | {time.perf_counter() - t0:.0f} s",
-              flush=True)
-    result.update(mode=mode, budget=budget, machine=machine_info(device), corpus_hash=corpus_hash(args.data),
+        runs = []
+        for seed in args.seeds:
+            t0 = time.perf_counter()
+            run = benchmark_model(kind, cfg, replace(data_cfg, seed=seed), pieces, byte_seq_len=byte_seq_len,
+                                  n_evals=args.n_evals, homoglyph_rate=args.homoglyph_rate, seed=seed, device=device,
+                                  patch_embed=args.patch_embed_optim if kind == 'imagelm' else 'adamw',
+                                  autocast=autocast, log=log, **budget)
+            add_mfu(run, peak)
+            losses = run.pop('losses')
+            run['losses'] = losses[::max(1, len(losses) // 100)]
+            runs.append(run)
+            h = run.get('homoglyph')
+            print(f"{kind:10s} seed {seed} val bpb {run['val_bpb']:.4f} | {run['steps']} steps in {run['minutes']:.2f} min | "
+                  f"{run['chars_per_s']:,.0f} chars/s | MFU {run['mfu_percent']:.1f}% | {run['positions_per_char']:.3f} positions/char | {run['flops']:.3g} FLOPs"
+                  + (f" | homoglyphs {h['clean']:.4f} -> {h['swapped']:.4f}" if h else '') + f" | {time.perf_counter() - t0:.0f} s",
+                  flush=True)
+        result[kind] = over_seeds(runs, args.seeds)
+        if len(runs) > 1: print(f"{kind:10s} mean val bpb {result[kind]['val_bpb']:.4f} ± {result[kind]['val_bpb_std']:.4f} "
+                                f"over seeds {args.seeds}", flush=True)
+    result.update(mode=mode, budget=budget, machine=dict(machine_info(device), peak_flops=peak), corpus_hash=corpus_hash(args.data),
                   config=dict(vars(args), device=device, d_model=cfg.d_model, n_head=cfg.n_head, byte_seq_len=byte_seq_len,
                               val_pieces=len(pieces)),
                   models=list(args.models), created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))

@@ -1,5 +1,5 @@
 """Flags that bench/compare.py and bench/ablate.py share: the budget, the model and data shape, the device."""
-import argparse
+import argparse, statistics
 
 
 def budget_parser(doc: str, what: str, minutes: float, d_model, d_model_help: str, eval_batches: int, eval_help: str,
@@ -21,7 +21,34 @@ def budget_parser(doc: str, what: str, minutes: float, d_model, d_model_help: st
     a('--device', default=None, help='cpu, cuda or mps (default: detected)')
     a('--dtype', choices=['float32', 'bfloat16'], default=None, help='autocast dtype (default bf16 on cuda, float32 elsewhere)')
     a('--threads', type=int, default=0, help='torch threads on CPU (0: torch default)')
-    a('--seed', type=int, default=0, help='seed of weights, data jitter (and homoglyph places)')
+    a('--seeds', type=int, nargs='+', default=[0],
+      help=f'seeds of weights, data order (and homoglyph places); each {what} is trained once per seed and the JSON '
+           'holds the mean and each seed (default: 0)')
     a('--out', default=out, help='JSON to write; the PNG goes beside it')
     a('--quiet', action='store_true', help='no per-step lines')
     return p
+
+
+VAL_SEED = 0   # the val pieces are cut with this data seed whatever the training seeds, so every run scores the same targets
+FIGURES = ('val_bpb', 'positions_per_char', 'chars_per_s', 'flops', 'minutes', 'steps', 'mfu_percent')
+
+
+def over_seeds(runs: list, seeds: list) -> dict:
+    """One result from runs that differ only in their seed: the mean of each figure, the spread of val bpb, each seed's
+    own figures under `seeds`, and the mean curve (each seed's evaluations fall at the same fractions of the budget)."""
+    result = dict(runs[0])
+    for key in FIGURES: result[key] = statistics.fmean(r[key] for r in runs)
+    bpbs = [r['val_bpb'] for r in runs]
+    result['val_bpb_std'] = statistics.stdev(bpbs) if len(runs) > 1 else 0.0
+    result['seeds'] = [dict({k: r[k] for k in FIGURES}, seed=s, curve=r['curve']) for s, r in zip(seeds, runs)]
+    if len({len(r['curve']) for r in runs}) == 1:
+        result['curve'] = [[statistics.fmean(col) for col in zip(*points)] for points in zip(*(r['curve'] for r in runs))]
+    if 'homoglyph' in runs[0]:
+        result['homoglyph'] = {k: statistics.fmean(r['homoglyph'][k] for r in runs) for k in runs[0]['homoglyph']}
+    return result
+
+
+def add_mfu(run: dict, peak: float) -> dict:
+    "Add `mfu_percent` to a benchmark run: its training FLOPs per second of training wall-clock, against `peak` FLOP/s."
+    run['mfu_percent'] = 100 * run['flops'] / max(run['minutes'] * 60, 1e-9) / peak
+    return run

@@ -38,7 +38,7 @@ def val():
 
 def test_same_targets_in_the_three_formats(val):
     pieces = val_pieces(val)
-    pages = pack_pieces(pieces, 192, 2)
+    pages = pack_pieces(pieces, 192, 2, render=val[0].rendered.cfg, skip_blank=DataConfig.skip_blank)
     as_bytes = pack_pieces(pieces, bytes_length(pieces), 2, fmt='bytes')
     assert targets(pages) == targets(val) == targets(as_bytes) and len(targets(val)) > 100
     for a, b in zip(val, pages):          # read back and packed again: the loader's own batches
@@ -132,13 +132,14 @@ def test_compare_end_to_end(tmp_path):
     result = json.loads(out.read_text())
     for kind in ('imagelm', 'byte_gpt', 'byte_patch'):
         r = result[kind]
-        for key in ('val_bpb', 'positions_per_char', 'chars_per_s', 'flops', 'minutes'):
+        for key in ('val_bpb', 'positions_per_char', 'chars_per_s', 'flops', 'minutes', 'mfu_percent'):
             assert isinstance(r[key], (int, float)) and np.isfinite(r[key]) and r[key] > 0, (kind, key)
         assert 0 < r['val_bpb'] < 12 and r['minutes'] <= 0.05 + 0.05
         assert set(r['homoglyph']) >= {'clean', 'swapped', 'delta'} and r['homoglyph']['windowed'] >= 0
     assert len({result[k]['val_targets'] for k in ('imagelm', 'byte_gpt', 'byte_patch')}) == 1
     assert result['byte_gpt']['positions_per_char'] > result['imagelm']['positions_per_char']
     assert {'machine', 'config', 'corpus_hash'} <= set(result)
+    assert result['machine']['peak_flops'] > 0
     assert out.with_suffix('.png').stat().st_size > 1000
 
 
@@ -153,11 +154,35 @@ def test_compare_equal_flops(tmp_path):
 
 def test_ablate_end_to_end(tmp_path):
     out = tmp_path / 'ablate.json'
-    run('ablate.py', '--minutes=0.03', '--variants', 'base', 'k8', 'pos2d', 'skip_blank', *TINY, f'--out={out}')
+    run('ablate.py', '--minutes=0.03', '--variants', 'base', 'k8', 'pos2d', 'skip_blank', 'skip_blank+k8', *TINY, f'--out={out}')
     result = json.loads(out.read_text())
-    assert result['variants'] == ['base', 'k8', 'pos2d', 'skip_blank']
+    assert result['variants'] == ['base', 'k8', 'pos2d', 'skip_blank', 'skip_blank+k8']
     for name in result['variants']:
         assert np.isfinite(result[name]['val_bpb']) and result[name]['positions_per_char'] > 0
     assert result['skip_blank']['positions_per_char'] < result['base']['positions_per_char']
     assert result['k8']['positions_per_char'] < result['base']['positions_per_char']
+    both = result['skip_blank+k8']
+    assert both['settings'] == {**result['base']['settings'], 'chars_per_patch': 8, 'skip_blank': True}
+    assert both['positions_per_char'] < min(result['k8']['positions_per_char'], result['skip_blank']['positions_per_char'])
     assert out.with_suffix('.png').stat().st_size > 1000
+
+
+def test_seeds_are_averaged(tmp_path):
+    out = tmp_path / 'seeds.json'
+    run('compare.py', '--flops=1e9', '--homoglyph_rate=1', '--models', 'imagelm', '--seeds', '3', '4', *TINY, f'--out={out}')
+    r = json.loads(out.read_text())['imagelm']
+    assert [s['seed'] for s in r['seeds']] == [3, 4]
+    bpbs = [s['val_bpb'] for s in r['seeds']]
+    assert bpbs[0] != bpbs[1], 'two seeds trained the same model'
+    assert r['val_bpb'] == pytest.approx(np.mean(bpbs)) and r['val_bpb_std'] == pytest.approx(np.std(bpbs, ddof=1))
+    assert r['curve'][-1][-1] == pytest.approx(r['val_bpb'])
+    assert r['steps'] == pytest.approx(np.mean([s['steps'] for s in r['seeds']]))
+    assert set(r['homoglyph']) >= {'clean', 'swapped', 'delta'}
+
+
+@pytest.mark.parametrize('bad, message', [('foo', "unknown variant 'foo'"), ('k2+k8', 'changes the same setting twice'),
+                                          ('base+k8', "unknown variant 'base'")])
+def test_ablate_refuses_bad_variants(bad, message):
+    out = subprocess.run([sys.executable, str(ROOT / 'bench' / 'ablate.py'), '--variants', bad], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 2 and message in out.stderr, out.stderr

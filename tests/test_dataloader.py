@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from imagelm.render import RenderConfig
 from imagelm.dataloader import (DataConfig, ParquetSource, PretrainLoader, ShardError, list_parquet_files, make_source,
                                  row_segments)
 from imagelm.segments import IGNORE_INDEX
@@ -71,7 +72,7 @@ def test_restore_is_exact(source, skip_blank, shard_dir):
 @pytest.mark.parametrize('world_size', [2, 3])
 def test_ranks_are_disjoint_and_cover(world_size):
     docs = make_docs(300, longest=500)                                # 5 row groups of 64
-    cfg = DataConfig(source=docs, seq_len=512, batch_rows=4, pixel_chars=128, byte_chars=64)
+    cfg = DataConfig(source=docs, seq_len=512, batch_rows=4, pixel_chars=128, byte_chars=64, skip_blank=False)  # blank pages kept: every character comes back
     per_rank = [stream_docs(list(PretrainLoader(cfg, rank, world_size, loop=False))) for rank in range(world_size)]
     ids = [[int(d.split(':')[0][4:]) for d in got] for got in per_rank]
     for rank, got in enumerate(ids):                                  # rank r reads row groups r, r + world_size, ...
@@ -85,9 +86,9 @@ def test_parquet_shards(shard_dir):
     folder, shards = shard_dir
     assert [p.name for p in list_parquet_files(folder)] == [f"shard_{n:05d}.parquet" for n in range(3)]
     real = lambda texts: [t for t in texts if t and not t.isspace()]
-    train = DataConfig(source=str(folder), seq_len=256, batch_rows=2, pixel_chars=96, byte_chars=48)
+    train = DataConfig(source=str(folder), seq_len=256, batch_rows=2, pixel_chars=96, byte_chars=48, skip_blank=False)
     assert stream_docs(list(PretrainLoader(train, loop=False))) == real(shards[0]) + real(shards[1])
-    val = DataConfig(source=str(folder), split='val', seq_len=256, batch_rows=2)
+    val = DataConfig(source=str(folder), split='val', seq_len=256, batch_rows=2, skip_blank=False)
     assert stream_docs(list(PretrainLoader(val, loop=False))) == real(shards[2])
     by_rank = [stream_docs(list(PretrainLoader(train, rank, 2, loop=False))) for rank in range(2)]
     assert sorted(by_rank[0] + by_rank[1]) == sorted(real(shards[0]) + real(shards[1]))
@@ -110,7 +111,7 @@ def test_bad_shards_name_the_file(shard_dir, prefetch):
 
 
 def test_bad_config(tmp_path):
-    with pytest.raises(ValueError, match='seq_len'): DataConfig(seq_len=16)
+    with pytest.raises(ValueError, match='seq_len'): DataConfig(seq_len=DataConfig.min_seq_len.fget(DataConfig(seq_len=64)) - 1)
     with pytest.raises(ValueError, match='rank'): PretrainLoader(DataConfig(source=['a b']), rank=2, world_size=2)
     write_shards(tmp_path, [['only one shard']])
     with pytest.raises(ValueError, match='at least 2'): make_source(str(tmp_path))
@@ -130,7 +131,8 @@ def test_padding_is_small(skip_blank):
 
 def test_unrenderable_documents_train():
     docs = ['\x00\x01\x02', '🙂🚀🎉', '\x7f\x80\x81\x82', 'a\ud800b']  # controls, emoji, C1 controls, a lone surrogate
-    batches = list(PretrainLoader(DataConfig(source=docs, seq_len=64, batch_rows=2), loop=False))
+    batches = list(PretrainLoader(DataConfig(source=docs, seq_len=64, batch_rows=2, skip_blank=False, render=RenderConfig(patch_w=32)),
+                                  loop=False))     # one document a row
     assert stream_docs(batches) == docs[:3] + ['a\ufffdb']
     for row in range(2):
         targets = batches[0].targets[row]

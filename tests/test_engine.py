@@ -22,11 +22,11 @@ A0, A1 = special('<|assistant_start|>'), special('<|assistant_end|>')
 def random_model(seed: int = 0, **kw) -> ImageLM:
     "A small model with non-zero output projections (the init zeroes them), so every layer reads the context."
     torch.manual_seed(seed)
-    model = ImageLM(ModelConfig(**({'depth': 2, 'seq_len': 256} | kw)))
+    model = ImageLM(ModelConfig(**({'depth': 2, 'seq_len': 256, 'skip_blank': False} | kw)))
     return randomize_output_projections(model, head_std=0.05).eval()
 
 
-VARIANTS = {'mha-1d': {}, 'gqa-1d': dict(d_model=96, n_head=4, n_kv_head=2),
+VARIANTS = {'mha-1d': dict(positions='1d'), 'gqa-1d': dict(d_model=96, n_head=4, n_kv_head=2, positions='1d'),
             'mha-2d': dict(d_model=96, n_head=2, positions='2d'), 'gqa-2d': dict(d_model=96, n_head=4, n_kv_head=1, positions='2d')}
 MODELS = {}
 
@@ -247,11 +247,11 @@ def test_prompt_longer_than_the_context_is_refused():
     model = random_model(2, seq_len=48)
     engine = Engine(model)
     with pytest.raises(ValueError, match='longer than the context'):
-        engine.generate([Pixels('x' * 64 * 4)], max_tokens=2)
+        engine.generate([Pixels('x' * 64 * 8)], max_tokens=2)
     engine.generate([Bytes([BOS]), Pixels('a line')], max_tokens=2)
     with pytest.raises(ValueError, match='refuses rather than cutting'):
-        engine.generate([Pixels('two\nlines')], max_tokens=2, extend=True)
-    assert engine.cache.length == 16 + 1 + 1   # the refused turn left the cache as it was (the pending byte aside)
+        engine.generate([Pixels('\n'.join(['line'] * 6))], max_tokens=2, extend=True)
+    assert engine.cache.length == model.cfg.render.patches_per_row + 1 + 1   # the refused turn left the cache as it was (the pending byte aside)
 
 
 @pytest.mark.parametrize('kw, name', [

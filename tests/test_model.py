@@ -25,9 +25,9 @@ def doc(page: str, reply: str) -> list:
     return [Bytes([special('<|bos|>')], train=False), Pixels(page), Bytes.text(reply, before=('<|continue|>',))]
 
 
-CFGS = [ModelConfig(depth=2, seq_len=96, render=RenderConfig(page_chars=16)),
-        ModelConfig(depth=2, d_model=96, n_head=4, n_kv_head=2, seq_len=96, render=RenderConfig(page_chars=16)),
-        ModelConfig(depth=2, d_model=96, n_head=2, seq_len=96, positions='2d', render=RenderConfig(page_chars=16))]
+CFGS = [ModelConfig(depth=2, seq_len=96, render=RenderConfig(patch_w=32, page_chars=16)),
+        ModelConfig(depth=2, d_model=96, n_head=4, n_kv_head=2, seq_len=96, render=RenderConfig(patch_w=32, page_chars=16)),
+        ModelConfig(depth=2, d_model=96, n_head=2, seq_len=96, positions='2d', render=RenderConfig(patch_w=32, page_chars=16))]
 
 
 @pytest.mark.parametrize('cfg', CFGS, ids=['mha', 'gqa', '2d'])
@@ -75,7 +75,7 @@ def test_fused_equals_explicit_on_styled_free_batches_and_explicit_handles_colou
 
 
 def test_2d_positions_rotate_patches_by_row_and_column_and_bytes_by_position():
-    cfg = ModelConfig(depth=1, d_model=96, n_head=2, seq_len=64, positions='2d', render=RenderConfig(page_chars=16))
+    cfg = ModelConfig(depth=1, d_model=96, n_head=2, seq_len=64, positions='2d', render=RenderConfig(patch_w=32, page_chars=16))
     batch = pack([doc('row zero text..\nrow one', ' b')], cfg.seq_len, cfg.render)
     cos2, _ = rotary_cos_sin(batch.pos, batch.grid, batch.is_pixel, cfg)
     cos1, _ = rotary_cos_sin(batch.pos, batch.grid, batch.is_pixel, ModelConfig(**{**cfg.__dict__, 'positions': '1d'}))
@@ -109,7 +109,7 @@ def test_config_sizes_and_errors():
     assert ModelConfig(depth=2, d_model=200, n_head=4).head_dim == 50
     for bad, message in [(dict(depth=0), 'depth must be'), (dict(depth=2, n_head=3), 'divisible by n_head'),
                          (dict(depth=2, n_head=4, n_kv_head=3), 'multiple of n_kv_head'), (dict(positions='3d'), "'1d' or '2d'"),
-                         (dict(depth=2, d_model=64, n_head=2, positions='2d'), 'multiple of 6')]:
+                         (dict(depth=2, d_model=8, n_head=2, positions='2d'), 'at least 6')]:
         with pytest.raises(ValueError, match=message): ModelConfig(**bad)
     with torch.device('meta'): counts = parameter_counts(ImageLM(ModelConfig(depth=20)))
     assert 380e6 < counts['total'] < 410e6

@@ -29,7 +29,7 @@ SV_LO, SV_HI = 0.6, 1.25
 
 
 def tiny_cfg(depth: int = 2) -> ModelConfig:
-    return ModelConfig(depth=depth, seq_len=64, render=RenderConfig(page_chars=16))
+    return ModelConfig(depth=depth, seq_len=64, render=RenderConfig(patch_w=32, page_chars=16))
 
 
 def ill_conditioned(m: int, n: int, seed: int = 0) -> torch.Tensor:

@@ -102,10 +102,11 @@ def test_empty_batch_and_gradient_of_blank():
 def test_errors_name_what_is_allowed():
     cfg = RenderConfig()
     embedding, gray_only = PatchEmbedding(cfg, 16), PatchEmbedding(cfg, 16, channels=1)
-    with pytest.raises(ValueError, match='512 or 1536 values'): embedding(torch.zeros(1, 100, dtype=torch.uint8))
-    with pytest.raises(ValueError, match='must have 512 values'): gray_only(torch.zeros(1, 1536, dtype=torch.uint8))
-    with pytest.raises(ValueError, match='4 slots per patch'): embedding.forward_glyphs(torch.zeros(2, 8, dtype=torch.long), get_atlas())
-    with pytest.raises(ValueError, match='expects 16x8 px'): embedding.forward_glyphs(torch.zeros(2, 4, dtype=torch.long), get_atlas(6, 12))
+    px, k = cfg.patch_h * cfg.patch_w, cfg.slots_per_patch
+    with pytest.raises(ValueError, match=f'{px} or {3 * px} values'): embedding(torch.zeros(1, 100, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=f'must have {px} values'): gray_only(torch.zeros(1, 3 * px, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=f'{k} slots per patch'): embedding.forward_glyphs(torch.zeros(2, 2 * k, dtype=torch.long), get_atlas())
+    with pytest.raises(ValueError, match='expects 16x8 px'): embedding.forward_glyphs(torch.zeros(2, k, dtype=torch.long), get_atlas(6, 12))
     with pytest.raises(ValueError, match='expects the cells and patches'):
         embedding.forward_rendered(render_batch(['x'], RenderConfig(patch_w=16)))
     with pytest.raises(ValueError, match='channels must be 1'): PatchEmbedding(cfg, 16, channels=2)
@@ -114,7 +115,8 @@ def test_errors_name_what_is_allowed():
 
 def test_init_scale():
     torch.manual_seed(0)
-    embedding = PatchEmbedding(RenderConfig(), 768)
-    assert abs(embedding.weight.std().item() * 1536 ** 0.5 - 1) < 0.01
-    full_ink = torch.full((4, 512), 255, dtype=torch.uint8)
+    cfg = RenderConfig()
+    embedding = PatchEmbedding(cfg, 768)
+    assert abs(embedding.weight.std().item() * (3 * cfg.patch_h * cfg.patch_w) ** 0.5 - 1) < 0.01
+    full_ink = torch.full((4, cfg.patch_h * cfg.patch_w), 255, dtype=torch.uint8)
     with torch.no_grad(): assert abs(embedding(full_ink).std().item() - 1) < 0.1

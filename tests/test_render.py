@@ -92,7 +92,7 @@ def check_against_ref(text, cfg, max_lines=None, max_patches=None):
 
 
 def test_reference_layout_examples():
-    cfg = RenderConfig(page_chars=8, patch_w=32)
+    cfg = RenderConfig(patch_w=32, page_chars=8)
     assert ref_layout('', cfg)[2:] == (1, 0, False)
     assert ref_layout('ab\n', cfg)[2:] == (1, 3, False)
     assert ref_layout('ab\n\n', cfg)[2:] == (2, 4, False)
@@ -100,8 +100,8 @@ def test_reference_layout_examples():
     assert ref_layout('x' * 9, cfg)[2] == 2
 
 
-@pytest.mark.parametrize('cfg', [DEFAULT, RenderConfig(page_chars=8), RenderConfig(page_chars=12, tab_size=8),
-                                 RenderConfig(patch_h=32, page_chars=16, tab_size=3)], ids=str)
+@pytest.mark.parametrize('cfg', [DEFAULT, RenderConfig(patch_w=32, page_chars=8), RenderConfig(patch_w=32, page_chars=12, tab_size=8),
+                                 RenderConfig(patch_w=32, patch_h=32, page_chars=16, tab_size=3)], ids=str)
 def test_layout_matches_reference(cfg):
     r = random.Random(hash(cfg) % 1000)
     for _ in range(60):
@@ -111,14 +111,14 @@ def test_layout_matches_reference(cfg):
 def test_layout_limits_match_reference():
     r = random.Random(1)
     for _ in range(250):
-        cfg = r.choice([DEFAULT, RenderConfig(page_chars=8), RenderConfig(patch_h=32, page_chars=16)])
+        cfg = r.choice([DEFAULT, RenderConfig(patch_w=32, page_chars=8), RenderConfig(patch_w=32, patch_h=32, page_chars=16)])
         max_lines = r.choice([None, 0, 1, 2, 3, 4, 5, 8, r.randrange(20)])
         max_patches = r.choice([None, 0, 1, 3, cfg.patches_per_row, r.randrange(60)])
         check_against_ref(random_text(r, 60), cfg, max_lines, max_patches)
 
 
 def test_layout_edge_cases():
-    cfg = RenderConfig(page_chars=8)
+    cfg = RenderConfig(patch_w=32, page_chars=8)
     for text in ['', '\n', '\n\n', '\t', '\t' * 9, 'x' * 8, 'x' * 8 + '\n', 'x' * 8 + '\nx', 'x' * 7 + '\t\n',
                  'abc\tdefgh\tij\n\tk', '\r\n', 'a\x0bb\x0cc\u2028d']:
         for max_lines in [None, 0, 1, 2]:
@@ -161,7 +161,7 @@ def same_layout(a, b):
 
 def test_layout_batch_equals_layout_of_each():
     r = random.Random(2)
-    for cfg in [DEFAULT, RenderConfig(patch_h=32, page_chars=16)]:
+    for cfg in [DEFAULT, RenderConfig(patch_w=32, patch_h=32, page_chars=16)]:
         docs = [random_doc(r) for _ in range(40)]
         for max_lines in [None, 4]:
             batch = layout_batch(docs, cfg, max_lines=max_lines)
@@ -171,7 +171,7 @@ def test_layout_batch_equals_layout_of_each():
 
 
 def test_pictures_take_whole_patches():
-    cfg = RenderConfig(patch_h=32, page_chars=16)
+    cfg = RenderConfig(patch_w=32, patch_h=32, page_chars=16)
     lay = layout(['abc', Picture(np.zeros((10, 40), np.uint8), width_patches=2), 'de\nf'], cfg)
     (first, n, n_cols, px), = lay.pictures
     assert first % cfg.lines_per_patch == 0 and n % cfg.lines_per_patch == 0 and n_cols == 2 * cfg.chars_per_patch
@@ -294,7 +294,7 @@ def test_every_code_point_class_renders_with_ink():
         sample += r.sample(cps, min(30, len(cps)))
     sample = [cp for cp in sample if cp not in (9, 10) and unicodedata.category(chr(cp)) != 'Zs' and cp not in blank_ok]
     text = ''.join(chr(cp) for cp in sample)
-    page, lay = render_page(text, RenderConfig(page_chars=64))
+    page, lay = render_page(text, RenderConfig(patch_w=32, page_chars=64))
     assert lay.n_kept == len(text) and not lay.truncated
     blank = [hex(cp) for i, cp in enumerate(sample) if not cell(page, lay.line[i], lay.col[i]).any()]
     assert not blank, f"code points drawn blank: {blank}"
@@ -395,11 +395,11 @@ def test_colour_is_a_multiply():
 
 
 @pytest.mark.parametrize('make,exc,name', [
-    (lambda: RenderConfig(page_chars=-4), ValueError, 'page_chars'),
-    (lambda: RenderConfig(page_chars=0), ValueError, 'page_chars'),
+    (lambda: RenderConfig(patch_w=32, page_chars=-4), ValueError, 'page_chars'),
+    (lambda: RenderConfig(patch_w=32, page_chars=0), ValueError, 'page_chars'),
     (lambda: RenderConfig(patch_w=20), ValueError, 'patch_w'),
     (lambda: RenderConfig(patch_h=24), ValueError, 'patch_h'),
-    (lambda: RenderConfig(page_chars=66), ValueError, 'page_chars'),
+    (lambda: RenderConfig(patch_w=32, page_chars=66), ValueError, 'page_chars'),
     (lambda: RenderConfig(cell_w=8.0), ValueError, 'cell_w'),
     (lambda: layout('a', max_lines=-1), ValueError, 'max_lines'),
     (lambda: layout('a', max_patches='3'), ValueError, 'max_patches'),
@@ -429,13 +429,13 @@ def test_layout_batch_rejects_a_bare_string():
 # non-default geometry
 
 GEOMETRIES = [
-    RenderConfig(patch_h=32),                                   # 2 lines per patch
+    RenderConfig(patch_w=32, patch_h=32),                                   # 2 lines per patch
     RenderConfig(patch_w=16, page_chars=32),                    # 2 chars per patch
     RenderConfig(cell_w=6, cell_h=12, patch_w=24, patch_h=12, page_chars=48),
     RenderConfig(cell_w=6, cell_h=12, patch_w=12, patch_h=24, page_chars=24, tab_size=8),
     RenderConfig(patch_w=8, patch_h=48, page_chars=12),         # 1 char, 3 lines per patch
-    RenderConfig(patch_h=32, page_chars=12),                    # 3 patches per row, 2 lines per patch
-    RenderConfig(patch_h=32, page_chars=4),                     # 1 patch per row, 2 lines per patch
+    RenderConfig(patch_w=32, patch_h=32, page_chars=12),                    # 3 patches per row, 2 lines per patch
+    RenderConfig(patch_w=32, patch_h=32, page_chars=4),                     # 1 patch per row, 2 lines per patch
 ]
 
 

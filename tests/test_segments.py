@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from imagelm.render import RenderConfig, render_batch
 from imagelm.segments import (IGNORE_INDEX, VOCAB_SIZE, Bytes, Pixels, block_mask, decode, dense_mask, pack, special)
 
-CFG = RenderConfig(page_chars=16)
+CFG = RenderConfig(patch_w=32, page_chars=16)
 WORDS = ['alpha', 'beta', 'gamma\n', 'δέλτα', '中文', '\t', 'x' * 20, '']
 
 
