@@ -23,20 +23,17 @@ corpus_hash; and a PNG beside it.
     python bench/ablate.py --variants base k2 k8 --minutes 5
     python bench/ablate.py --variants base skip_blank+k8+pos2d --seeds 1 2
 """
-import argparse, sys, time
+import argparse, time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from imagelm.baselines import autocast_for, benchmark_model, machine_info, save_json, val_pieces
+from imagelm.baselines import benchmark_model, machine_info, save_json, val_pieces
 from imagelm.corpus import load_embedded_corpus
 from imagelm.dataloader import DataConfig, PretrainLoader, make_source
 from imagelm.model import ModelConfig
 from imagelm.render import RenderConfig, get_atlas
-from imagelm.train import autodetect_device, peak_flops
 
-from flags import VAL_SEED, add_mfu, budget_parser, over_seeds
+from flags import VAL_SEED, add_mfu, budget_parser, over_seeds, start
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 VARIANTS = {
@@ -114,11 +111,7 @@ def plot(runs: dict, path: Path, title: str):
 
 def main(argv=None):
     args = make_parser().parse_args(argv)
-    if args.flops <= 0 and args.minutes <= 0: sys.exit('give a positive --minutes or --flops budget')
-    if args.threads: torch.set_num_threads(args.threads)
-    device = args.device or autodetect_device()
-    autocast = autocast_for(device, args.dtype)
-    peak = peak_flops(device)   # measured on CPU, so before any loader thread starts
+    device, autocast, peak = start(args)
     base_cfg, base_data = configs(args, settings(args, 'base'), VAL_SEED)
     get_atlas(base_cfg.render.cell_w, base_cfg.render.cell_h)
     half = replace(base_data, split='val', seq_len=args.seq_len // 2)

@@ -25,21 +25,18 @@ homoglyph row), plus machine, config and corpus_hash; and a PNG of val bpb again
     python bench/compare.py --seeds 0 1 2      # each model three times; the JSON holds the mean and each seed
     python bench/compare.py --device cuda --depth 8 --minutes 10
 """
-import argparse, sys, time
+import argparse, time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from imagelm.baselines import (KINDS, autocast_for, benchmark_model, byte_seq_len_for, machine_info, plot_curves_by_time,
+from imagelm.baselines import (KINDS, benchmark_model, byte_seq_len_for, machine_info, plot_curves_by_time,
                                save_json, val_pieces)
 from imagelm.corpus import load_embedded_corpus
 from imagelm.dataloader import DataConfig, PretrainLoader, make_source
 from imagelm.model import ModelConfig
 from imagelm.render import RenderConfig, get_atlas
-from imagelm.train import autodetect_device, peak_flops
 
-from flags import VAL_SEED, add_mfu, budget_parser, over_seeds
+from flags import VAL_SEED, add_mfu, budget_parser, over_seeds, start
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 
@@ -66,11 +63,7 @@ def corpus_hash(data: str) -> str:
 
 def main(argv=None):
     args = make_parser().parse_args(argv)
-    if args.flops <= 0 and args.minutes <= 0: sys.exit('give a positive --minutes or --flops budget')
-    if args.threads: torch.set_num_threads(args.threads)
-    device = args.device or autodetect_device()
-    autocast = autocast_for(device, args.dtype)
-    peak = peak_flops(device)   # measured on CPU, so before any loader thread starts
+    device, autocast, peak = start(args)
     render = RenderConfig(patch_w=8 * args.chars_per_patch, page_chars=args.page_chars)
     cfg = ModelConfig(depth=args.depth, d_model=args.d_model, seq_len=args.seq_len, positions=args.positions,
                       skip_blank=bool(args.skip_blank), render=render)

@@ -1,5 +1,10 @@
 """Flags that bench/compare.py and bench/ablate.py share: the budget, the model and data shape, the device."""
-import argparse, statistics
+import argparse, statistics, sys
+
+import torch
+
+from imagelm.baselines import autocast_for
+from imagelm.train import autodetect_device, peak_flops
 
 
 def budget_parser(doc: str, what: str, minutes: float, d_model, d_model_help: str, eval_batches: int, eval_help: str,
@@ -52,3 +57,11 @@ def add_mfu(run: dict, peak: float) -> dict:
     "Add `mfu_percent` to a benchmark run: its training FLOPs per second of training wall-clock, against `peak` FLOP/s."
     run['mfu_percent'] = 100 * run['flops'] / max(run['minutes'] * 60, 1e-9) / peak
     return run
+
+
+def start(args) -> tuple:
+    "Check the budget, set threads; the device, its autocast factory and its peak FLOP/s (measured before any loader starts)."
+    if args.flops <= 0 and args.minutes <= 0: sys.exit('give a positive --minutes or --flops budget')
+    if args.threads: torch.set_num_threads(args.threads)
+    device = args.device or autodetect_device()
+    return device, autocast_for(device, args.dtype), peak_flops(device)
