@@ -1,4 +1,5 @@
-"""Flags that bench/compare.py and bench/ablate.py share: the budget, the model and data shape, the device."""
+"""What bench/compare.py and bench/ablate.py share: the budget, model, data and device flags, the start-up, MFU, and
+the mean over seeds."""
 import argparse, statistics, sys
 
 import torch

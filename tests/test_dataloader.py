@@ -111,7 +111,7 @@ def test_bad_shards_name_the_file(shard_dir, prefetch):
 
 
 def test_bad_config(tmp_path):
-    with pytest.raises(ValueError, match='seq_len'): DataConfig(seq_len=DataConfig.min_seq_len.fget(DataConfig(seq_len=64)) - 1)
+    with pytest.raises(ValueError, match='seq_len'): DataConfig(seq_len=DataConfig(seq_len=64).min_seq_len - 1)
     with pytest.raises(ValueError, match='rank'): PretrainLoader(DataConfig(source=['a b']), rank=2, world_size=2)
     write_shards(tmp_path, [['only one shard']])
     with pytest.raises(ValueError, match='at least 2'): make_source(str(tmp_path))
