@@ -8,6 +8,9 @@ Variants (each changes one thing from `base`):
 - muon_patch: Muon instead of AdamW on the patch embedding (setup_optimizers(patch_embed='muon'));
 - pixel_chars_128, pixel_chars_512: shorter or longer pages in pretraining (DataConfig.pixel_chars);
 - skip_blank: patches without ink take no position (ModelConfig.skip_blank / DataConfig.skip_blank);
+- show_spaces: a faint dot in every space cell, so a space differs from an empty cell (RenderConfig.show_spaces);
+- whiten: every patch cell whitened by the ASCII glyphs' pixel statistics (ModelConfig.whiten=1e-3, 02_patch_embed);
+- patch_lr_x0.25, patch_lr_x4, patch_lr_x16: the patch embedding's learning rate scaled;
 - combinations, named by joining single changes with '+' (e.g. skip_blank+k8): the winners together.
 
 Every variant is scored on the same targets with the same conditioning text: the pieces of val batches that the base
@@ -33,7 +36,7 @@ from imagelm.dataloader import DataConfig, PretrainLoader, make_source
 from imagelm.model import ModelConfig
 from imagelm.render import RenderConfig, get_atlas
 
-from flags import VAL_SEED, add_mfu, budget_parser, over_seeds, start
+from flags import VAL_SEED, add_mfu, budget_parser, look_alikes, over_seeds, start
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 VARIANTS = {
@@ -45,6 +48,11 @@ VARIANTS = {
     'pixel_chars_128': dict(pixel_chars=128),
     'pixel_chars_512': dict(pixel_chars=512),
     'skip_blank': dict(skip_blank=True),
+    'show_spaces': dict(show_spaces=True),
+    'whiten': dict(whiten=1e-3),
+    'patch_lr_x0.25': dict(patch_lr_scale=0.25),
+    'patch_lr_x4': dict(patch_lr_scale=4.0),
+    'patch_lr_x16': dict(patch_lr_scale=16.0),
 }
 COMBINATIONS = ['skip_blank+k8', 'skip_blank+pos2d', 'skip_blank+k8+pos2d', 'skip_blank+k8+pos2d+muon_patch']
 
@@ -77,14 +85,14 @@ def make_parser() -> argparse.ArgumentParser:
 def settings(args, name: str) -> dict:
     "The settings of variant `name`: the base ones from the flags, with the variant's change."
     base = dict(chars_per_patch=args.chars_per_patch, positions='1d', patch_embed='adamw', pixel_chars=args.pixel_chars,
-                skip_blank=False)
+                skip_blank=False, show_spaces=False, whiten=None, patch_lr_scale=1.0)
     return {**base, **{k: v for part in name.split('+') for k, v in VARIANTS[part].items()}}
 
 
 def configs(args, s: dict, seed: int) -> tuple:
-    render = RenderConfig(patch_w=8 * s['chars_per_patch'], page_chars=args.page_chars)
+    render = RenderConfig(patch_w=8 * s['chars_per_patch'], page_chars=args.page_chars, show_spaces=s['show_spaces'])
     cfg = ModelConfig(depth=args.depth, d_model=args.d_model, seq_len=args.seq_len, positions=s['positions'],
-                      skip_blank=s['skip_blank'], render=render)
+                      skip_blank=s['skip_blank'], whiten=s['whiten'], render=render)
     data_cfg = DataConfig.from_model(cfg, source=args.data, batch_rows=args.batch_rows, pixel_chars=s['pixel_chars'],
                                      byte_chars=args.byte_chars, seed=seed)
     return cfg, data_cfg
@@ -128,7 +136,7 @@ def main(argv=None):
         for seed in args.seeds:
             cfg, data_cfg = configs(args, s, seed)
             t0 = time.perf_counter()
-            run = benchmark_model('imagelm', cfg, data_cfg, pieces, patch_embed=s['patch_embed'], n_evals=args.n_evals,
+            run = benchmark_model('imagelm', cfg, data_cfg, pieces, patch_embed=s['patch_embed'], patch_lr_scale=s['patch_lr_scale'], n_evals=args.n_evals,
                                   seed=seed, device=device, autocast=autocast, log=log, **budget)
             add_mfu(run, peak)
             losses = run.pop('losses')
@@ -136,7 +144,7 @@ def main(argv=None):
             runs.append(run)
             print(f"{name:16s} seed {seed} val bpb {run['val_bpb']:.4f} | {run['steps']} steps in {run['minutes']:.2f} min | "
                   f"{run['chars_per_s']:,.0f} chars/s | MFU {run['mfu_percent']:.1f}% | {run['positions_per_char']:.3f} positions/char | {run['flops']:.3g} FLOPs | "
-                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+                  f"{look_alikes(run)} | {time.perf_counter() - t0:.0f} s", flush=True)
         result[name] = over_seeds(runs, args.seeds)
         if len(runs) > 1: print(f"{name:16s} mean val bpb {result[name]['val_bpb']:.4f} ± {result[name]['val_bpb_std']:.4f}",
                                 flush=True)

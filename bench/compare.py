@@ -17,7 +17,7 @@ windows (`imagelm.baselines.byte_windows`; counted as `windowed`).
 
 Writes --out (default bench/results/compare.json): one object per model keyed imagelm, byte_gpt, byte_patch, each with
 val_bpb, positions_per_char, chars_per_s, flops, minutes (and mfu_percent, steps, parameters, seq_len, the val bpb curve, the
-homoglyph row), plus machine, config and corpus_hash; and a PNG of val bpb against wall-clock (and FLOPs) beside it.
+homoglyph row, the look-alike cosines at the start and end), plus machine, config and corpus_hash; and a PNG of val bpb against wall-clock (and FLOPs) beside it.
 
     python bench/compare.py                    # 10 minutes each, on the detected device
     python bench/compare.py --minutes 1        # a smoke test on a CPU
@@ -36,22 +36,30 @@ from imagelm.dataloader import DataConfig, PretrainLoader, make_source
 from imagelm.model import ModelConfig
 from imagelm.render import RenderConfig, get_atlas
 
-from flags import VAL_SEED, add_mfu, budget_parser, over_seeds, start
+from flags import VAL_SEED, add_mfu, budget_parser, look_alikes, over_seeds, start
 
 RESULTS = Path(__file__).resolve().parent / 'results'
+THREE = ('imagelm', 'byte_gpt', 'byte_patch')
 
 
 def make_parser() -> argparse.ArgumentParser:
     p = budget_parser(__doc__, 'model', 10.0, None, 'width (default 64 x depth)', 8,
                       'val batches (of --batch_rows x --seq_len) to score on', 6, str(RESULTS / 'compare.json'))
     a = p.add_argument
-    a('--models', nargs='+', default=list(KINDS), choices=list(KINDS), help='which models to run, in order')
+    a('--models', nargs='+', default=list(THREE), choices=list(KINDS),
+      help='which models to run, in order (default the three; byte_patch_blank_spaces: a byte-patch model that sees '
+           'spaces as empty slots, as pixels do)')
     a('--byte_seq_len', type=int, default=0, help="positions per row for byte_gpt (0: the longest val piece in bytes)")
     a('--chars_per_patch', type=int, default=RenderConfig().chars_per_patch, help='k, characters per patch (default: RenderConfig)')
     a('--positions', choices=['1d', '2d'], default=ModelConfig().positions, help='rotary positions of patches (default: ModelConfig)')
     a('--skip_blank', type=int, choices=[0, 1], default=int(ModelConfig().skip_blank),
       help='1: patches without ink (all-blank positions for byte_patch) take no position (default: ModelConfig)')
     a('--pixel_chars', type=int, default=256, help='target characters on each page')
+    a('--show_spaces', type=int, choices=[0, 1], default=int(RenderConfig().show_spaces),
+      help='1: a faint dot in every space cell of the pages (default: RenderConfig). It changes which patches have '
+           'ink, so the val pieces are cut differently: compare it with and without on the same pieces in ablate.py')
+    a('--whiten', type=float, default=ModelConfig().whiten or 0.0,
+      help="shrinkage of imagelm's glyph whitener on every patch cell (0: raw pixels; default: ModelConfig)")
     a('--patch_embed_optim', choices=['adamw', 'muon'], default='adamw', help="imagelm's patch embedding optimizer (default adamw)")
     a('--homoglyph_rate', type=float, default=1.0, help='share of look-alike letters swapped for the homoglyph table (0: skip)')
     return p
@@ -64,9 +72,9 @@ def corpus_hash(data: str) -> str:
 def main(argv=None):
     args = make_parser().parse_args(argv)
     device, autocast, peak = start(args)
-    render = RenderConfig(patch_w=8 * args.chars_per_patch, page_chars=args.page_chars)
+    render = RenderConfig(patch_w=8 * args.chars_per_patch, page_chars=args.page_chars, show_spaces=bool(args.show_spaces))
     cfg = ModelConfig(depth=args.depth, d_model=args.d_model, seq_len=args.seq_len, positions=args.positions,
-                      skip_blank=bool(args.skip_blank), render=render)
+                      skip_blank=bool(args.skip_blank), whiten=args.whiten or None, render=render)
     data_cfg = DataConfig.from_model(cfg, source=args.data, batch_rows=args.batch_rows, pixel_chars=args.pixel_chars,
                                      byte_chars=args.byte_chars, seed=VAL_SEED)
     get_atlas(render.cell_w, render.cell_h)
@@ -95,7 +103,8 @@ def main(argv=None):
             h = run.get('homoglyph')
             print(f"{kind:10s} seed {seed} val bpb {run['val_bpb']:.4f} | {run['steps']} steps in {run['minutes']:.2f} min | "
                   f"{run['chars_per_s']:,.0f} chars/s | MFU {run['mfu_percent']:.1f}% | {run['positions_per_char']:.3f} positions/char | {run['flops']:.3g} FLOPs"
-                  + (f" | homoglyphs {h['clean']:.4f} -> {h['swapped']:.4f}" if h else '') + f" | {time.perf_counter() - t0:.0f} s",
+                  + (f" | homoglyphs {h['clean']:.4f} -> {h['swapped']:.4f}" if h else '') + f" | {look_alikes(run)}"
+                  + f" | {time.perf_counter() - t0:.0f} s",
                   flush=True)
         result[kind] = over_seeds(runs, args.seeds)
         if len(runs) > 1: print(f"{kind:10s} mean val bpb {result[kind]['val_bpb']:.4f} ± {result[kind]['val_bpb_std']:.4f} "

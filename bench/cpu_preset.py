@@ -1,7 +1,8 @@
 """The CPU preset of speedrun.sh: throughput, the loader's share of step time, and val bits per byte after a time budget.
 
-Runs `bash speedrun.sh` with MINUTES=<m> for each budget (in a fresh base folder each), or summarises logs of runs
-already made (--logs), then writes bench/results/cpu_preset.json.
+Runs `bash speedrun.sh` with MINUTES=<m> for each budget (in a fresh base folder each; its output is kept as
+cpu_preset_<m>min.log beside --out), or summarises logs of runs already made (--logs), then writes
+bench/results/cpu_preset.json.
 
     python bench/cpu_preset.py --minutes 5 15
     python bench/cpu_preset.py --logs cpu5.log cpu15.log
@@ -73,7 +74,9 @@ def main():
         for minutes in args.minutes:
             env = {**os.environ, 'IMAGELM_BASE_DIR': tempfile.mkdtemp(), 'RUN': f'cpu{minutes:g}', 'MINUTES': str(minutes)}
             out = subprocess.run(['bash', str(root / 'speedrun.sh')], env=env, capture_output=True, text=True, check=True)
-            runs[f'cpu{minutes:g}'] = summarise(out.stdout)
+            log = Path(args.out).with_name(f'cpu_preset_{minutes:g}min.log')
+            log.parent.mkdir(parents=True, exist_ok=True); log.write_text(out.stdout)
+            runs[log.stem] = summarise(out.stdout)
     peak, pixel_share = peak_flops('cpu'), preset_pixel_share()
     for name, r in runs.items():
         r['mfu_percent'] = 100 * flops_per_position(PRESET, pixel_share) * r['positions_per_s'] / peak

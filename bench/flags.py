@@ -51,7 +51,16 @@ def over_seeds(runs: list, seeds: list) -> dict:
         result['curve'] = [[statistics.fmean(col) for col in zip(*points)] for points in zip(*(r['curve'] for r in runs))]
     if 'homoglyph' in runs[0]:
         result['homoglyph'] = {k: statistics.fmean(r['homoglyph'][k] for r in runs) for k in runs[0]['homoglyph']}
+    if 'look_alikes' in runs[0]:
+        result['look_alikes'] = {when: {k: statistics.fmean(r['look_alikes'][when][k] for r in runs) for k in row}
+                                 for when, row in runs[0]['look_alikes'].items()}
     return result
+
+
+def look_alikes(run: dict) -> str:
+    "The mean cosine of the look-alike pairs' input vectors at the start and end of a run, for its one-line summary."
+    start, end = run['look_alikes']['start']['mean'], run['look_alikes']['end']['mean']
+    return f"look-alike cos {start:.2f} -> {end:.2f}"
 
 
 def add_mfu(run: dict, peak: float) -> dict:

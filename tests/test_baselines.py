@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from imagelm.baselines import (HOMOGLYPHS, BytePatchLM, ByteGPT, ByteLoader, batch_slot_bytes, byte_gpt_segments,
-                               bytes_length, homoglyph_swap, homoglyph_unswap, make_model, pack_pieces,
+from imagelm.baselines import (HOMOGLYPHS, KINDS, BlankSpaceBytePatchLM, BytePatchLM, ByteGPT, ByteLoader,
+                               baseline_optimizers, batch_slot_bytes, byte_gpt_segments, bytes_length, char_vectors,
+                               homoglyph_swap, homoglyph_unswap, look_alike_cosines, make_model, pack_pieces,
                                packed_slot_codepoints, val_pieces)
 from imagelm.dataloader import DataConfig, PretrainLoader, document_spans
 from imagelm.model import ModelConfig
@@ -90,6 +91,18 @@ def test_byte_patch_input_is_its_k_characters(k):
     assert torch.allclose(emb[0], by_hand, atol=1e-5)
 
 
+def test_blank_space_byte_patch_sees_spaces_as_empty_slots():
+    cfg = RenderConfig(patch_w=32)
+    trailing, none = (pack([[Pixels(text), Bytes.text('x', before=('<|continue|>',))]], 64, cfg) for text in ('ab  ', 'ab'))
+    model_cfg = ModelConfig(depth=1, d_model=32, seq_len=64, render=cfg)
+    seen, blank = BytePatchLM(model_cfg), BlankSpaceBytePatchLM(model_cfg)
+    assert torch.equal(blank.slot_bytes(trailing), seen.slot_bytes(none))         # 'ab  ' reads as 'ab', as on the page
+    assert not torch.equal(seen.slot_bytes(trailing), seen.slot_bytes(none))       # the byte-patch model tells them apart
+    inner = pack([[Pixels('a b c')]], 64, cfg)
+    assert blank.slot_bytes(inner)[0, :, 0].tolist() == [ord('a'), -1, ord('b'), -1]
+    assert 'byte_patch_blank_spaces' in KINDS and isinstance(make_model('byte_patch_blank_spaces', model_cfg), BytePatchLM)
+
+
 def test_homoglyph_swap_properties():
     text = 'The Quick brown fox jumps over the lazy dog. PYTHON 3.12 :: ASCII only?\n\tyes'
     for rate in (0.0, 0.3, 1.0):
@@ -136,6 +149,7 @@ def test_compare_end_to_end(tmp_path):
             assert isinstance(r[key], (int, float)) and np.isfinite(r[key]) and r[key] > 0, (kind, key)
         assert 0 < r['val_bpb'] < 12 and r['minutes'] <= 0.05 + 0.05
         assert set(r['homoglyph']) >= {'clean', 'swapped', 'delta'} and r['homoglyph']['windowed'] >= 0
+        assert set(r['look_alikes']) == {'start', 'end'} and r['look_alikes']['end']['O0'] != r['look_alikes']['start']['O0']
     assert len({result[k]['val_targets'] for k in ('imagelm', 'byte_gpt', 'byte_patch')}) == 1
     assert result['byte_gpt']['positions_per_char'] > result['imagelm']['positions_per_char']
     assert {'machine', 'config', 'corpus_hash'} <= set(result)
@@ -154,9 +168,10 @@ def test_compare_equal_flops(tmp_path):
 
 def test_ablate_end_to_end(tmp_path):
     out = tmp_path / 'ablate.json'
-    run('ablate.py', '--minutes=0.03', '--variants', 'base', 'k8', 'pos2d', 'skip_blank', 'skip_blank+k8', *TINY, f'--out={out}')
+    variants = ['base', 'k8', 'pos2d', 'skip_blank', 'skip_blank+k8', 'whiten+patch_lr_x4', 'skip_blank+show_spaces']
+    run('ablate.py', '--minutes=0.03', '--variants', *variants, *TINY, f'--out={out}')
     result = json.loads(out.read_text())
-    assert result['variants'] == ['base', 'k8', 'pos2d', 'skip_blank', 'skip_blank+k8']
+    assert result['variants'] == variants
     for name in result['variants']:
         assert np.isfinite(result[name]['val_bpb']) and result[name]['positions_per_char'] > 0
     assert result['skip_blank']['positions_per_char'] < result['base']['positions_per_char']
@@ -164,6 +179,11 @@ def test_ablate_end_to_end(tmp_path):
     both = result['skip_blank+k8']
     assert both['settings'] == {**result['base']['settings'], 'chars_per_patch': 8, 'skip_blank': True}
     assert both['positions_per_char'] < min(result['k8']['positions_per_char'], result['skip_blank']['positions_per_char'])
+    whitened = result['whiten+patch_lr_x4']
+    assert whitened['settings'] == {**result['base']['settings'], 'whiten': 1e-3, 'patch_lr_scale': 4.0}
+    assert whitened['look_alikes']['start']['O0'] < result['base']['look_alikes']['start']['O0'] - 0.3
+    assert result['skip_blank+show_spaces']['settings']['show_spaces'] is True
+    assert result['skip_blank+show_spaces']['positions_per_char'] >= result['skip_blank']['positions_per_char']
     assert out.with_suffix('.png').stat().st_size > 1000
 
 
@@ -186,3 +206,25 @@ def test_ablate_refuses_bad_variants(bad, message):
     out = subprocess.run([sys.executable, str(ROOT / 'bench' / 'ablate.py'), '--variants', bad], capture_output=True,
                          text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_patch_lr_scale_scales_only_the_patch_embedding():
+    model = make_model('imagelm', ModelConfig(depth=1, d_model=64, seq_len=64))
+    lrs = lambda optimizers: {g['name']: (g['lr'], g['initial_lr']) for opt in optimizers for g in opt.param_groups}
+    plain, scaled = lrs(baseline_optimizers(model)), lrs(baseline_optimizers(model, patch_lr_scale=4.0))
+    assert scaled['patch_embed'] == pytest.approx(tuple(4 * lr for lr in plain['patch_embed']))
+    assert {k: v for k, v in scaled.items() if k != 'patch_embed'} == {k: v for k, v in plain.items() if k != 'patch_embed'}
+
+
+def test_look_alike_cosines_tell_pixels_from_byte_tables():
+    cfg = ModelConfig(depth=1, d_model=96, seq_len=64)
+    torch.manual_seed(0)
+    pixels, whitened, table = (make_model('imagelm', cfg), make_model('imagelm', ModelConfig(**{**cfg.to_dict(), 'whiten': 1e-3})),
+                               make_model('byte_patch', cfg))
+    raw_probe, whitened_probe, table_probe = (look_alike_cosines(m) for m in (pixels, whitened, table))
+    assert raw_probe['O0'] > 0.9 and raw_probe['1I'] > 0.7          # nearly the same pixels, nearly the same vector
+    assert whitened_probe['O0'] < raw_probe['O0'] - 0.3 and whitened_probe['mean'] < raw_probe['mean']
+    assert abs(table_probe['mean']) < 0.2 and abs(table_probe['all_pairs_mean']) < 0.05   # independent random rows
+    assert set(raw_probe) == {'O0', '1I', 'l1', 'lI', '.,', 'rn', 'mean', 'all_pairs_mean'}
+    torch.testing.assert_close(char_vectors(table, 'A'), table.patch_embed.weight[[65]])
+    with pytest.raises(ValueError, match='printable ASCII'): char_vectors(pixels, 'é')

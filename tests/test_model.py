@@ -109,8 +109,12 @@ def test_config_sizes_and_errors():
     assert ModelConfig(depth=2, d_model=200, n_head=4).head_dim == 50
     for bad, message in [(dict(depth=0), 'depth must be'), (dict(depth=2, n_head=3), 'divisible by n_head'),
                          (dict(depth=2, n_head=4, n_kv_head=3), 'multiple of n_kv_head'), (dict(positions='3d'), "'1d' or '2d'"),
-                         (dict(depth=2, d_model=8, n_head=2, positions='2d'), 'at least 6')]:
+                         (dict(depth=2, d_model=8, n_head=2, positions='2d'), 'at least 6'),
+                         (dict(whiten=0), 'shrinkage > 0'), (dict(whiten='yes'), 'shrinkage > 0')]:
         with pytest.raises(ValueError, match=message): ModelConfig(**bad)
+    whitened = ImageLM(ModelConfig(depth=1, whiten=1e-3))
+    assert whitened.patch_embed.whitener is not None and ImageLM(ModelConfig(depth=1)).patch_embed.whitener is None
+    assert 'patch_embed.whitener' in whitened.state_dict()          # a checkpoint says whether it was trained whitened
     with torch.device('meta'): counts = parameter_counts(ImageLM(ModelConfig(depth=20)))
     assert 380e6 < counts['total'] < 410e6
     assert flops_per_position(ModelConfig(depth=20, seq_len=2048)) > 6 * counts['trunk']

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from imagelm.corpus import load_embedded_corpus
-from imagelm.patch_embed import PatchEmbedding
+from imagelm.patch_embed import PatchEmbedding, glyph_whitener
 from imagelm.render import Picture, RenderConfig, Span, get_atlas, render_batch
 
 GEOMETRIES = {'k=2': RenderConfig(patch_w=16), 'k=4': RenderConfig(patch_w=32), 'k=8': RenderConfig(patch_w=64),
-              'k=4, 2 lines': RenderConfig(patch_w=32, patch_h=32)}
+              'k=4, 2 lines': RenderConfig(patch_w=32, patch_h=32), 'k=8, spaces shown': RenderConfig(show_spaces=True)}
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}   # largest error relative to the largest value
 
 
@@ -34,14 +34,15 @@ def embed_and_grad(embedding, embed, loss_weights):
     return out.detach(), embedding.weight.grad
 
 
+@pytest.mark.parametrize('whiten', [False, True], ids=['raw', 'whitened'])
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize('name', GEOMETRIES)
-def test_fused_equals_explicit_forward_and_backward(name, dtype, styled_texts):
+def test_fused_equals_explicit_forward_and_backward(name, dtype, whiten, styled_texts):
     cfg = GEOMETRIES[name]
     rendered = render_batch(styled_texts, cfg)
     assert rendered.plain
     torch.manual_seed(0)
-    embedding = PatchEmbedding(cfg, d_model=96).to(dtype)
+    embedding = PatchEmbedding(cfg, d_model=96, whitener=glyph_whitener(get_atlas()) if whiten else None).to(dtype)
     loss_weights = torch.randn(int(rendered.n_patches.sum()), 96, dtype=dtype)
     explicit, explicit_grad = embed_and_grad(embedding, lambda: embedding(rendered.packed_patches()), loss_weights)
     fused, fused_grad = embed_and_grad(
@@ -62,12 +63,13 @@ def test_padded_pages_and_blank_patches(styled_texts):
     assert (fused[~rendered.patch_mask()] == 0).all()
 
 
-def test_gray_page_equals_black_rgb_page(styled_texts):
+@pytest.mark.parametrize('whiten', [False, True], ids=['raw', 'whitened'])
+def test_gray_page_equals_black_rgb_page(whiten, styled_texts):
     cfg = RenderConfig()
     gray = render_batch([styled_texts[0]], cfg)
     black = render_batch([Span(styled_texts[0], color=(0, 0, 0))], cfg)
     assert gray.plain and not black.plain
-    embedding = PatchEmbedding(cfg, 48).double()
+    embedding = PatchEmbedding(cfg, 48, whitener=glyph_whitener(get_atlas()) if whiten else None).double()
     with torch.no_grad():
         torch.testing.assert_close(embedding(black.packed_patches()), embedding(gray.packed_patches()))
 
@@ -120,3 +122,39 @@ def test_init_scale():
     assert abs(embedding.weight.std().item() * (3 * cfg.patch_h * cfg.patch_w) ** 0.5 - 1) < 0.01
     full_ink = torch.full((4, cfg.patch_h * cfg.patch_w), 255, dtype=torch.uint8)
     with torch.no_grad(): assert abs(embedding(full_ink).std().item() - 1) < 0.1
+
+
+def ascii_cosine(vectors, a, b):
+    unit = torch.nn.functional.normalize(vectors, dim=1)
+    return float(unit[ord(a) - 33] @ unit[ord(b) - 33])
+
+
+def test_glyph_whitener_spreads_look_alikes_and_keeps_their_size():
+    atlas = get_atlas()
+    rows = atlas.rows(np.arange(33, 127))
+    bitmaps = torch.from_numpy(atlas.bitmaps(rows)).reshape(len(rows), -1).double() / 255
+    whitener = glyph_whitener(atlas).double()
+    assert whitener.shape == (128, 128) and torch.allclose(whitener, whitener.T, atol=1e-5)
+    whitened = bitmaps @ whitener
+    assert abs(whitened.square().sum(1).mean() / bitmaps.square().sum(1).mean() - 1) < 1e-5
+    assert ascii_cosine(bitmaps, 'O', '0') > 0.95 and ascii_cosine(whitened, 'O', '0') < 0.6
+    assert ascii_cosine(bitmaps, '1', 'I') > 0.8 and abs(ascii_cosine(whitened, '1', 'I')) < 0.2
+
+    def spread(shrink):
+        eigenvalues = torch.linalg.eigvalsh((bitmaps @ glyph_whitener(atlas, shrink=shrink).double()).T
+                                            @ (bitmaps @ glyph_whitener(atlas, shrink=shrink).double()))
+        kept = eigenvalues[eigenvalues > 1e-9 * eigenvalues.max()]
+        return float(kept.max() / kept.min())
+    assert spread(1e-4) < spread(1e-2) < spread(1.0)
+
+
+def test_whitener_is_a_saved_buffer_not_a_parameter_and_errors():
+    cfg = RenderConfig()
+    embedding = PatchEmbedding(cfg, 16, whitener=glyph_whitener(get_atlas()))
+    assert [n for n, _ in embedding.named_parameters()] == ['weight']
+    assert set(embedding.state_dict()) == {'weight', 'whitener'} and set(PatchEmbedding(cfg, 16).state_dict()) == {'weight'}
+    with pytest.raises(RuntimeError, match='whitener'): PatchEmbedding(cfg, 16).load_state_dict(embedding.state_dict())
+    assert 'whitened cells' in repr(embedding)
+    with pytest.raises(ValueError, match=r'whitener must be \(128, 128\)'): PatchEmbedding(cfg, 16, whitener=torch.eye(64))
+    with pytest.raises(ValueError, match='shrink must be > 0'): glyph_whitener(get_atlas(), shrink=0)
+    with pytest.raises(ValueError, match='at least one character'): glyph_whitener(get_atlas(), chars='')

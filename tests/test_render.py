@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from imagelm.render import (GlyphAtlas, Picture, RenderConfig, Rendered, Span, fallback_glyph, get_atlas, layout,
-                            layout_batch, patch_image, render_batch, render_page, to_image)
+                            layout_batch, patch_image, render_batch, render_page, space_mark_glyph, to_image)
 
 DEFAULT = RenderConfig()
 ATLAS = get_atlas(DEFAULT.cell_w, DEFAULT.cell_h)
@@ -401,6 +401,7 @@ def test_colour_is_a_multiply():
     (lambda: RenderConfig(patch_h=24), ValueError, 'patch_h'),
     (lambda: RenderConfig(patch_w=32, page_chars=66), ValueError, 'page_chars'),
     (lambda: RenderConfig(cell_w=8.0), ValueError, 'cell_w'),
+    (lambda: RenderConfig(show_spaces=1), ValueError, 'show_spaces'),
     (lambda: layout('a', max_lines=-1), ValueError, 'max_lines'),
     (lambda: layout('a', max_patches='3'), ValueError, 'max_patches'),
     (lambda: render_batch(['a'], max_lines=1.5), ValueError, 'max_lines'),
@@ -423,6 +424,24 @@ def test_layout_batch_rejects_a_bare_string():
     "A str is not a list of inputs (render_batch already refuses it); it must not become one page per character."
     with pytest.raises((TypeError, ValueError), match='texts'):
         layout_batch('abc')
+
+
+def test_show_spaces_marks_space_cells_and_nothing_else():
+    text = 'a b\tc  \nd'                      # spaces at columns 1, 5 and 6 of line 0; a tab over column 3
+    plain, shown = (render_batch([text], RenderConfig(patch_w=32, show_spaces=on)) for on in (False, True))
+    check_rendered(shown)
+    cells = lambda page: page.reshape(-1, DEFAULT.cell_h, DEFAULT.page_chars, DEFAULT.cell_w).transpose(1, 2)
+    plain_cells, shown_cells = cells(plain.pages()[0]), cells(shown.pages()[0])
+    differ = (plain_cells != shown_cells).flatten(2).any(2).nonzero().tolist()
+    assert differ == [[0, 1], [0, 5], [0, 6]]
+    for line, col in differ:
+        assert (shown_cells[line, col].numpy() == space_mark_glyph()).all() and (plain_cells[line, col] == 0).all()
+    mark = ATLAS.bitmaps([ATLAS.space_mark])[0]
+    others = ATLAS.bitmaps(ATLAS.rows(np.arange(33, 127)))
+    assert (mark > 0).any() and not any((mark == other).all() for other in others)
+    spaces_only = [render_batch(['        x'], RenderConfig(patch_w=32, show_spaces=on)).packed_has_ink().tolist()[:2]
+                   for on in (False, True)]
+    assert spaces_only == [[False, False], [True, True]]     # a patch of spaces now takes a position
 
 
 # ---------------------------------------------------------------------------------------------------
