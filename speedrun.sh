@@ -29,9 +29,9 @@ if [ "$NGPU" -gt 0 ]; then
         --run="$RUN" --data="$DATA" --depth="${DEPTH:-20}" --device_batch_size=32 --max_seq_len=2048 \
         --total_batch_size=$((32 * 2048 * NGPU)) --eval_every=250 --eval_batches=16 --sample_every=1000 --save_every=1000
 else
-    # The CPU preset: depth 2 (128 wide, 0.66M parameters), rows of 512 positions, 8 rows a step. On 2 cores a step takes
-    # about 0.2 s, so 4,200 steps fill 15 minutes and see ~26 positions per parameter, about compute-optimal; the time
-    # budget stops a slower machine early.
+    # The CPU preset: depth 2 (128 wide, 0.86M parameters), rows of 512 positions, 8 rows a step. On 2 cores a step takes
+    # about 0.23 s, so the 15-minute budget stops it near 4,000 of its 4,200 steps, ~19 positions per parameter
+    # (bench/cpu_preset.py); a faster machine runs all 4,200 (~20), a slower one stops earlier.
     python -m imagelm.base_train --run="$RUN" --data="${DATA:-embedded}" --depth="${DEPTH:-2}" --max_seq_len=512 \
         --device_batch_size=8 --num_iterations="${STEPS:-4200}" --time_budget="${MINUTES:-15}" \
         --eval_every=500 --eval_batches=16 --sample_every=1000 --save_every=500 --log_every=50
