@@ -136,8 +136,9 @@ def main(argv=None):
         for seed in args.seeds:
             cfg, data_cfg = configs(args, s, seed)
             t0 = time.perf_counter()
-            run = benchmark_model('imagelm', cfg, data_cfg, pieces, patch_embed=s['patch_embed'], patch_lr_scale=s['patch_lr_scale'], n_evals=args.n_evals,
-                                  seed=seed, device=device, autocast=autocast, log=log, **budget)
+            run = benchmark_model('imagelm', cfg, data_cfg, pieces, patch_embed=s['patch_embed'],
+                                  patch_lr_scale=s['patch_lr_scale'], n_evals=args.n_evals, seed=seed, device=device,
+                                  autocast=autocast, log=log, **budget)
             add_mfu(run, peak)
             losses = run.pop('losses')
             run.update(losses=losses[::max(1, len(losses) // 100)], settings=s)
