@@ -15,12 +15,12 @@ Variants (each changes one thing from `base`):
 
 Every variant is scored on the same targets with the same conditioning text: the pieces of val batches that the base
 loader cuts into rows of --seq_len / 2 positions (so that the same pieces, drawn at k=2, still fit one row),
-re-rendered with each variant's own render config. The default width, 144 (2 heads of 72), is one that 2-D rotary
-positions can split into three sections.
+re-rendered with each variant's own render config. The default width is 144 (2 heads of 72), the width every committed
+ablation ran at, so that new variants compare with the old ones; nothing else requires it.
 
 Writes --out (default bench/results/ablate.json): one object per variant keyed by its name (val_bpb,
-positions_per_char, chars_per_s, flops, minutes, steps, the curve, and its settings), plus machine, config and
-corpus_hash; and a PNG beside it.
+positions_per_char, chars_per_s, flops, minutes, steps, the curve, and its settings), plus setup and corpus_hash, and
+the machine, git commit and arguments that every bench result holds; and a PNG beside it.
 
     python bench/ablate.py                       # every variant, 3 minutes each
     python bench/ablate.py --variants base k2 k8 --minutes 5
@@ -30,15 +30,15 @@ import argparse, time
 from dataclasses import replace
 from pathlib import Path
 
-from imagelm.baselines import benchmark_model, machine_info, save_json, val_pieces
+from imagelm.baselines import val_pieces
 from imagelm.corpus import load_embedded_corpus
 from imagelm.dataloader import DataConfig, PretrainLoader, make_source
 from imagelm.model import ModelConfig
+from imagelm.optim import OptimConfig
 from imagelm.render import RenderConfig, get_atlas
 
-from flags import VAL_SEED, add_mfu, budget_parser, look_alikes, over_seeds, start
+from harness import RESULTS, VAL_SEED, benchmark_model, budget_parser, over_seeds, run_line, save_result, start
 
-RESULTS = Path(__file__).resolve().parent / 'results'
 VARIANTS = {
     'base': {},
     'k2': dict(chars_per_patch=2),
@@ -78,7 +78,7 @@ def make_parser() -> argparse.ArgumentParser:
       help="which variants to run, in order: base, single changes, or single changes joined by '+' (default: all "
            "single changes, then the combinations of the winners)")
     a('--chars_per_patch', type=int, default=4, help='k of the base variant')
-    a('--pixel_chars', type=int, default=256, help='page length of the base variant (and of the val pieces)')
+    a('--pixel_chars', type=int, default=DataConfig.pixel_chars, help='page length of the base variant (and of the val pieces)')
     return p
 
 
@@ -90,7 +90,7 @@ def settings(args, name: str) -> dict:
 
 
 def configs(args, s: dict, seed: int) -> tuple:
-    render = RenderConfig(patch_w=8 * s['chars_per_patch'], page_chars=args.page_chars, show_spaces=s['show_spaces'])
+    render = RenderConfig.for_chars_per_patch(s['chars_per_patch'], page_chars=args.page_chars, show_spaces=s['show_spaces'])
     cfg = ModelConfig(depth=args.depth, d_model=args.d_model, seq_len=args.seq_len, positions=s['positions'],
                       skip_blank=s['skip_blank'], whiten=s['whiten'], render=render)
     data_cfg = DataConfig.from_model(cfg, source=args.data, batch_rows=args.batch_rows, pixel_chars=s['pixel_chars'],
@@ -99,10 +99,9 @@ def configs(args, s: dict, seed: int) -> tuple:
 
 
 def plot(runs: dict, path: Path, title: str):
-    import matplotlib
-    matplotlib.use('Agg', force=False)
-    import matplotlib.pyplot as plt
-    fig, axs = plt.subplots(1, 2, figsize=(12, 3.8))
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(12, 3.8))
+    axs = fig.subplots(1, 2)
     for name, run in runs.items():
         seconds, _, _, bpb = zip(*run['curve'])
         axs[0].plot([s / 60 for s in seconds], bpb, 'o-', ms=3, label=name)
@@ -114,12 +113,12 @@ def plot(runs: dict, path: Path, title: str):
     axs[1].set(xlabel='final val bits per byte (lower is better)', xlim=(lo * 0.97, None), title='at the end of the budget')
     axs[1].invert_yaxis()
     for i, n in enumerate(names): axs[1].text(runs[n]['val_bpb'], i, f" {runs[n]['val_bpb']:.3f}", va='center', fontsize=7)
-    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+    fig.tight_layout(); fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
     args = make_parser().parse_args(argv)
-    device, autocast, peak = start(args)
+    device, autocast = start(args)
     base_cfg, base_data = configs(args, settings(args, 'base'), VAL_SEED)
     get_atlas(base_cfg.render.cell_w, base_cfg.render.cell_h)
     half = replace(base_data, split='val', seq_len=args.seq_len // 2)
@@ -136,28 +135,22 @@ def main(argv=None):
         for seed in args.seeds:
             cfg, data_cfg = configs(args, s, seed)
             t0 = time.perf_counter()
-            run = benchmark_model('imagelm', cfg, data_cfg, pieces, patch_embed=s['patch_embed'],
-                                  patch_lr_scale=s['patch_lr_scale'], n_evals=args.n_evals, seed=seed, device=device,
+            run = benchmark_model('imagelm', cfg, data_cfg, pieces, n_evals=args.n_evals, seed=seed, device=device,
+                                  optim_cfg=OptimConfig(patch_embed=s['patch_embed'], patch_lr_scale=s['patch_lr_scale']),
                                   autocast=autocast, log=log, **budget)
-            add_mfu(run, peak)
-            losses = run.pop('losses')
-            run.update(losses=losses[::max(1, len(losses) // 100)], settings=s)
+            run['settings'] = s
             runs.append(run)
-            print(f"{name:16s} seed {seed} val bpb {run['val_bpb']:.4f} | {run['steps']} steps in {run['minutes']:.2f} min | "
-                  f"{run['chars_per_s']:,.0f} chars/s | MFU {run['mfu_percent']:.1f}% | {run['positions_per_char']:.3f} positions/char | {run['flops']:.3g} FLOPs | "
-                  f"{look_alikes(run)} | {time.perf_counter() - t0:.0f} s", flush=True)
+            print(run_line(name, seed, run, time.perf_counter() - t0), flush=True)
         result[name] = over_seeds(runs, args.seeds)
         if len(runs) > 1: print(f"{name:16s} mean val bpb {result[name]['val_bpb']:.4f} ± {result[name]['val_bpb_std']:.4f}",
                                 flush=True)
     targets = {result[n]['val_targets'] for n in args.variants}
     if len(targets) != 1: raise RuntimeError(f'the variants were scored on different numbers of target bytes: {targets}')
     corpus = load_embedded_corpus().content_hash if args.data == 'embedded' else make_source(args.data, 'train').name
-    result.update(mode='flops' if args.flops > 0 else 'minutes', budget=budget, machine=dict(machine_info(device), peak_flops=peak),
-                  corpus_hash=corpus, variants=list(args.variants),
-                  config=dict(vars(args), device=device, val_pieces=len(pieces), val_targets=targets.pop()),
-                  created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+    result.update(mode='flops' if args.flops > 0 else 'minutes', budget=budget, corpus_hash=corpus, variants=list(args.variants),
+                  setup=dict(device=device, val_pieces=len(pieces), val_targets=targets.pop()))
     out = Path(args.out)
-    save_json(result, out)
+    save_result(result, out, args, device)
     png = out.with_suffix('.png')
     what = f'{args.flops:.3g} FLOPs' if args.flops > 0 else f'{args.minutes:g} min'
     plot({n: result[n] for n in args.variants}, png, f'ImageLM ablations, depth {args.depth}, {what} each')

@@ -7,7 +7,7 @@
 
 All three are the same trunk (--depth, width 64 x depth unless --d_model), trained one after another for the same
 budget: --minutes of training wall-clock each (default 10; evaluation not counted), or --flops training FLOPs each
-(`imagelm.baselines.batch_flops`). They are scored on the same val targets: the byte spans of the first
+(`imagelm.model.batch_flops`). They are scored on the same val targets: the byte spans of the first
 --eval_batches val batches of the pretraining loader (held-out documents of the embedded corpus), conditioned on the
 same preceding text (pages for imagelm and byte_patch, their bytes for byte_gpt). The byte GPT's rows are as long as
 the longest of those val pieces in bytes (--byte_seq_len to override), so it never reads a position it did not train
@@ -17,7 +17,8 @@ windows (`imagelm.baselines.byte_windows`; counted as `windowed`).
 
 Writes --out (default bench/results/compare.json): one object per model keyed imagelm, byte_gpt, byte_patch, each with
 val_bpb, positions_per_char, chars_per_s, flops, minutes (and mfu_percent, steps, parameters, seq_len, the val bpb curve, the
-homoglyph row, the look-alike cosines at the start and end), plus machine, config and corpus_hash; and a PNG of val bpb against wall-clock (and FLOPs) beside it.
+homoglyph row, the look-alike cosines at the start and end), plus setup and corpus_hash, and the machine, git commit and
+arguments that every bench result holds (bench/harness.py); and a PNG of val bpb against wall-clock (and FLOPs) beside it.
 
     python bench/compare.py                    # 10 minutes each, on the detected device
     python bench/compare.py --minutes 1        # a smoke test on a CPU
@@ -29,16 +30,15 @@ import argparse, time
 from dataclasses import replace
 from pathlib import Path
 
-from imagelm.baselines import (KINDS, benchmark_model, byte_seq_len_for, machine_info, plot_curves_by_time,
-                               save_json, val_pieces)
+from imagelm.baselines import KINDS, byte_seq_len_for, val_pieces
 from imagelm.corpus import load_embedded_corpus
 from imagelm.dataloader import DataConfig, PretrainLoader, make_source
 from imagelm.model import ModelConfig
+from imagelm.optim import OptimConfig
 from imagelm.render import RenderConfig, get_atlas
 
-from flags import VAL_SEED, add_mfu, budget_parser, look_alikes, over_seeds, start
+from harness import RESULTS, VAL_SEED, benchmark_model, budget_parser, over_seeds, plot_curves_by_time, run_line, save_result, start
 
-RESULTS = Path(__file__).resolve().parent / 'results'
 THREE = ('imagelm', 'byte_gpt', 'byte_patch')
 
 
@@ -54,13 +54,14 @@ def make_parser() -> argparse.ArgumentParser:
     a('--positions', choices=['1d', '2d'], default=ModelConfig().positions, help='rotary positions of patches (default: ModelConfig)')
     a('--skip_blank', type=int, choices=[0, 1], default=int(ModelConfig().skip_blank),
       help='1: patches without ink (all-blank positions for byte_patch) take no position (default: ModelConfig)')
-    a('--pixel_chars', type=int, default=256, help='target characters on each page')
+    a('--pixel_chars', type=int, default=DataConfig.pixel_chars, help=f'target characters on each page (default {DataConfig.pixel_chars})')
     a('--show_spaces', type=int, choices=[0, 1], default=int(RenderConfig().show_spaces),
       help='1: a faint dot in every space cell of the pages (default: RenderConfig). It changes which patches have '
            'ink, so the val pieces are cut differently: compare it with and without on the same pieces in ablate.py')
     a('--whiten', type=float, default=ModelConfig().whiten or 0.0,
       help="shrinkage of imagelm's glyph whitener on every patch cell (0: raw pixels; default: ModelConfig)")
-    a('--patch_embed_optim', choices=['adamw', 'muon'], default='adamw', help="imagelm's patch embedding optimizer (default adamw)")
+    a('--patch_embed_optim', choices=['adamw', 'muon'], default=OptimConfig.patch_embed,
+      help=f"imagelm's patch embedding optimizer (default {OptimConfig.patch_embed})")
     a('--homoglyph_rate', type=float, default=1.0, help='share of look-alike letters swapped for the homoglyph table (0: skip)')
     return p
 
@@ -71,8 +72,8 @@ def corpus_hash(data: str) -> str:
 
 def main(argv=None):
     args = make_parser().parse_args(argv)
-    device, autocast, peak = start(args)
-    render = RenderConfig(patch_w=8 * args.chars_per_patch, page_chars=args.page_chars, show_spaces=bool(args.show_spaces))
+    device, autocast = start(args)
+    render = RenderConfig.for_chars_per_patch(args.chars_per_patch, page_chars=args.page_chars, show_spaces=bool(args.show_spaces))
     cfg = ModelConfig(depth=args.depth, d_model=args.d_model, seq_len=args.seq_len, positions=args.positions,
                       skip_blank=bool(args.skip_blank), whiten=args.whiten or None, render=render)
     data_cfg = DataConfig.from_model(cfg, source=args.data, batch_rows=args.batch_rows, pixel_chars=args.pixel_chars,
@@ -94,27 +95,17 @@ def main(argv=None):
             t0 = time.perf_counter()
             run = benchmark_model(kind, cfg, replace(data_cfg, seed=seed), pieces, byte_seq_len=byte_seq_len,
                                   n_evals=args.n_evals, homoglyph_rate=args.homoglyph_rate, seed=seed, device=device,
-                                  patch_embed=args.patch_embed_optim if kind == 'imagelm' else 'adamw',
+                                  optim_cfg=OptimConfig(patch_embed=args.patch_embed_optim if kind == 'imagelm' else 'adamw'),
                                   autocast=autocast, log=log, **budget)
-            add_mfu(run, peak)
-            losses = run.pop('losses')
-            run['losses'] = losses[::max(1, len(losses) // 100)]
             runs.append(run)
-            h = run.get('homoglyph')
-            print(f"{kind:10s} seed {seed} val bpb {run['val_bpb']:.4f} | {run['steps']} steps in {run['minutes']:.2f} min | "
-                  f"{run['chars_per_s']:,.0f} chars/s | MFU {run['mfu_percent']:.1f}% | {run['positions_per_char']:.3f} positions/char | {run['flops']:.3g} FLOPs"
-                  + (f" | homoglyphs {h['clean']:.4f} -> {h['swapped']:.4f}" if h else '') + f" | {look_alikes(run)}"
-                  + f" | {time.perf_counter() - t0:.0f} s",
-                  flush=True)
+            print(run_line(kind, seed, run, time.perf_counter() - t0), flush=True)
         result[kind] = over_seeds(runs, args.seeds)
         if len(runs) > 1: print(f"{kind:10s} mean val bpb {result[kind]['val_bpb']:.4f} ± {result[kind]['val_bpb_std']:.4f} "
                                 f"over seeds {args.seeds}", flush=True)
-    result.update(mode=mode, budget=budget, machine=dict(machine_info(device), peak_flops=peak), corpus_hash=corpus_hash(args.data),
-                  config=dict(vars(args), device=device, d_model=cfg.d_model, n_head=cfg.n_head, byte_seq_len=byte_seq_len,
-                              val_pieces=len(pieces)),
-                  models=list(args.models), created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+    result.update(mode=mode, budget=budget, corpus_hash=corpus_hash(args.data), models=list(args.models),
+                  setup=dict(device=device, d_model=cfg.d_model, n_head=cfg.n_head, byte_seq_len=byte_seq_len, val_pieces=len(pieces)))
     out = Path(args.out)
-    save_json(result, out)
+    save_result(result, out, args, device)
     png = out.with_suffix('.png')
     what = f'{args.flops:.3g} FLOPs' if mode == 'flops' else f'{args.minutes:g} min'
     plot_curves_by_time({k: result[k] for k in args.models}, png, f'depth {cfg.depth}, width {cfg.d_model}, {what} each')

@@ -18,7 +18,7 @@ gives steadier figures on a shared machine.
 
 Writes bench/results/patch_embed.json.
 """
-import argparse, json, os, platform, tempfile, time
+import argparse, time
 from pathlib import Path
 
 import torch
@@ -26,6 +26,8 @@ import torch
 from imagelm.corpus import load_embedded_corpus
 from imagelm.patch_embed import PatchEmbedding
 from imagelm.render import RenderConfig, render_batch
+
+from harness import save_result
 
 
 def corpus_rows(text: str, cfg: RenderConfig, rows: int, patches: int, device) -> tuple:
@@ -110,19 +112,9 @@ def main():
         'patches': args.rows * args.patches, 'rows': args.rows, 'patches_per_row': args.patches, 'repeats': args.repeats,
         'target': 'fused at least 5x cheaper than explicit at k=4',
         'corpus_hash': corpus.content_hash,
-        'machine': f'{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}, torch {torch.__version__}'
-                   + (f', {torch.cuda.get_device_name(device)}' if device.type == 'cuda' else ''),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f'.{out.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as file: file.write(json.dumps(report, indent=2) + '\n')
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    print(f'wrote {out}')
+    save_result(report, args.out, args, device)
+    print(f'wrote {args.out}')
 
 
 if __name__ == '__main__':

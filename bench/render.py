@@ -10,7 +10,7 @@ per character at this size, not 8).
 
 Prints characters per second for each and writes bench/results/render.json.
 """
-import argparse, json, os, platform, time
+import argparse, time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from imagelm.corpus import load_embedded_corpus
 from imagelm.render import RenderConfig, font_path, get_atlas, layout, render_batch
+
+from harness import save_result
 
 
 def pil_patches(text: str, cfg: RenderConfig, font, per_line: bool = False) -> torch.Tensor:
@@ -94,19 +96,14 @@ def main():
         'docs': len(docs), 'chars': n_chars, 'batch': args.batch,
         'config': cfg.__dict__,
         'corpus_hash': corpus.content_hash,
-        'machine': f'{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}, torch {torch.__version__}',
     }
     print(f"atlas  {result['atlas_chars_per_s'] / 1e6:8.2f}M chars/s  (batches of {args.batch} docs, {args.device})")
     print(f"PIL    {result['pil_chars_per_s'] / 1e6:8.3f}M chars/s  (per character on the cell grid)")
     print(f"PIL    {result['pil_line_strings_chars_per_s'] / 1e6:8.3f}M chars/s  (one string per line, not grid-exact)")
     print(f"speedup {result['speedup']:.0f}x (vs line strings {result['speedup_vs_line_strings']:.0f}x); "
           f"identical pixels {result['pixel_agreement']:.2%}; {result['patches_per_char']:.3f} patches per character")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix('.tmp')
-    tmp.write_text(json.dumps(result, indent=2) + '\n')
-    os.replace(tmp, out)
-    print(f'wrote {out}')
+    save_result(result, args.out, args, args.device)
+    print(f'wrote {args.out}')
 
 
 if __name__ == '__main__':

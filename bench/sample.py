@@ -13,7 +13,7 @@ and prefill time are reported too) and writes bench/results/sample.json. Both ar
 the machine skews them alike: the engine's run is the best of a few, and each step of the naive sampler (one
 `naive_logits` call over the whole sequence) the best of two. The load average is recorded too.
 """
-import argparse, json, os, platform, time
+import argparse, os, time
 from pathlib import Path
 
 import torch
@@ -22,6 +22,8 @@ from imagelm.corpus import load_embedded_corpus
 from imagelm.engine import Engine, naive_generate, naive_logits
 from imagelm.model import ImageLM, ModelConfig, randomize_output_projections
 from imagelm.segments import Bytes, Pixels, special
+
+from harness import save_result
 
 
 def random_model(cfg: ModelConfig, device: str, seed: int = 0) -> ImageLM:
@@ -95,19 +97,14 @@ def main():
         'load_average_1min': [load_before, os.getloadavg()[0]],   # before and after: other work on the machine skews the figures
         'model_config': cfg.to_dict(),
         'corpus_hash': corpus.content_hash,
-        'machine': f'{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}, torch {torch.__version__}',
     }
     print(f"engine {result['engine_bytes_per_s']:9.1f} bytes/s  (prefill {prefill_s * 1000:.0f} ms for {n_prompt} positions, "
           f"then {result['engine_decode_bytes_per_s']:.1f} bytes/s)")
     print(f"naive  {result['naive_bytes_per_s']:9.1f} bytes/s  (the whole sequence for every byte)")
     print(f"speedup {result['speedup']:.1f}x on depth {cfg.depth}, {n} bytes, {args.device}, {torch.get_num_threads()} threads; "
           f"identical bytes: {result['outputs_equal']}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + '.tmp')
-    tmp.write_text(json.dumps(result, indent=2) + '\n')
-    os.replace(tmp, out)
-    print(f'wrote {out}')
+    save_result(result, args.out, args, args.device)
+    print(f'wrote {args.out}')
 
 
 if __name__ == '__main__':

@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['STDLIB_ROOT', 'SKIPPED_STDLIB_DIRS', 'NUMPY_NAMESPACES', 'MIN_DOC_CHARS', 'VAL_PERCENT', 'EMBEDDED_SOURCES',
-           'CORPUS_FORMAT', 'ROW_GROUP_SIZE', 'get_base_dir', 'clean_text', 'pydoc_topic_docstrings',
-           'stdlib_source_files', 'module_name', 'docstrings_in_source', 'stdlib_docstrings', 'own_docstring',
-           'numpy_docstrings', 'clean_documents', 'is_validation', 'hash_documents', 'Corpus', 'build_embedded_corpus',
-           'corpus_cache_path', 'save_corpus', 'read_corpus', 'load_embedded_corpus', 'iter_document_batches']
+           'CORPUS_FORMAT', 'ROW_GROUP_SIZE', 'clean_text', 'pydoc_topic_docstrings', 'stdlib_source_files',
+           'module_name', 'docstrings_in_source', 'stdlib_docstrings', 'own_docstring', 'numpy_docstrings',
+           'clean_documents', 'is_validation', 'hash_documents', 'Corpus', 'build_embedded_corpus', 'corpus_cache_path',
+           'save_corpus', 'read_corpus', 'load_embedded_corpus', 'iter_document_batches']
 
 # %% ../nbs/00_corpus.ipynb #53f7fdcd
 import ast
@@ -19,7 +19,6 @@ import os
 import platform
 import re
 import sysconfig
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,12 +27,7 @@ from pathlib import Path
 import numpy as np
 from pydoc_data.topics import topics as pydoc_topics
 
-# %% ../nbs/00_corpus.ipynb #2edbdc20
-def get_base_dir() -> Path:
-    "ImageLM's folder for caches and outputs: `$IMAGELM_BASE_DIR`, else `~/.cache/imagelm`. Created if missing."
-    base_dir = Path(os.environ.get("IMAGELM_BASE_DIR") or Path.home() / ".cache" / "imagelm").expanduser()
-    base_dir.mkdir(parents=True, exist_ok=True)
-    return base_dir
+from .common import atomic_write, get_base_dir
 
 # %% ../nbs/00_corpus.ipynb #bc38b96b
 _blank_line_runs = re.compile(r"\n{3,}")
@@ -217,16 +211,8 @@ def corpus_cache_path() -> Path:
 
 # %% ../nbs/00_corpus.ipynb #9f7fa558
 def save_corpus(corpus: Corpus, path: Path) -> None:
-    "Write `corpus` to `path` as JSON, atomically."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file: json.dump(asdict(corpus), file)
-        os.replace(temp_path, path)
-    except BaseException:
-        os.unlink(temp_path)
-        raise
+    "Write `corpus` to `path` as JSON, atomically (`atomic_write`)."
+    atomic_write(path, json.dumps(asdict(corpus)))
 
 # %% ../nbs/00_corpus.ipynb #e53ded64
 def read_corpus(path: Path) -> Corpus | None:

@@ -15,21 +15,22 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 
-from .corpus import ROW_GROUP_SIZE, get_base_dir, hash_documents, iter_document_batches, load_embedded_corpus
+from .common import get_base_dir
+from .corpus import ROW_GROUP_SIZE, hash_documents, iter_document_batches, load_embedded_corpus
 from .model import ModelConfig
 from .render import Layout, RenderConfig, get_atlas, layout, layout_batch
 from .segments import IGNORE_INDEX, Bytes, Pixels, SegmentBatch, decode, pack, special
 
 # %% auto #0
-__all__ = ['PIXELS', 'BYTES', 'BOS', 'PLAN_DOCS', 'STATE_KEYS', 'ListSource', 'embedded_source', 'default_data_dir',
-           'list_parquet_files', 'ShardError', 'ParquetSource', 'make_source', 'hash_key', 'jitter_uniform',
-           'DataConfig', 'chunk_end', 'plan_chunks', 'document_spans', 'page_positions', 'RowPacker', 'BatchStream',
-           'PretrainLoader', 'row_segments', 'show_packed_rows']
+__all__ = ['PIXELS', 'BYTES', 'BOS_SEGMENT', 'PLAN_DOCS', 'STATE_KEYS', 'utf8_text', 'ListSource', 'embedded_source',
+           'default_data_dir', 'list_parquet_files', 'ShardError', 'ParquetSource', 'make_source', 'hash_key',
+           'jitter_uniform', 'DataConfig', 'chunk_end', 'plan_chunks', 'document_spans', 'page_positions', 'RowPacker',
+           'BatchStream', 'PretrainLoader', 'row_segments', 'show_packed_rows']
 
 # %% ../nbs/07_dataloader.ipynb #7eb7fc33
 _SURROGATES = re.compile('[\ud800-\udfff]')
 
-def _clean(text) -> str:
+def utf8_text(text) -> str:
     "`text` as a str that encodes to UTF-8 (each lone surrogate becomes U+FFFD), or '' for None and blank documents."
     if isinstance(text, (bytes, bytearray)): text = bytes(text).decode('utf-8', errors='replace')
     if not text or text.isspace(): return ''
@@ -37,11 +38,12 @@ def _clean(text) -> str:
     except UnicodeEncodeError: text = _SURROGATES.sub('\ufffd', text)
     return text
 
+# %% ../nbs/07_dataloader.ipynb #b170e024
 class ListSource:
     "Documents held in memory, read in row groups of `row_group_size` and sharded like `iter_document_batches`."
     def __init__(self, docs: list, name: str | None = None, row_group_size: int = ROW_GROUP_SIZE):
         self.docs, self.row_group_size = list(docs), row_group_size
-        self.name = name or f"docs:{hash_documents(map(_clean, self.docs), [])[:12]}"
+        self.name = name or f"docs:{hash_documents(map(utf8_text, self.docs), [])[:12]}"
 
     def row_groups(self, rank: int = 0, world_size: int = 1, shard: int = 0, row_group: int = 0):
         "This rank's `(shard, row_group, documents)` from (`shard`, `row_group`) to the end of the epoch."
@@ -83,6 +85,7 @@ def _open_shard(path: Path):
         raise ShardError(f"parquet shard {path} has no 'text' column (columns: {shard.schema_arrow.names})")
     return shard
 
+# %% ../nbs/07_dataloader.ipynb #47a1bf5f
 class ParquetSource:
     "Documents from the `text` column of parquet `files`, read row group by row group; row group g goes to rank g % world_size."
     def __init__(self, files: list, name: str = 'parquet'):
@@ -137,8 +140,6 @@ def jitter_uniform(*values: int) -> float:
     return hash_key(*values) / 2.0**64
 
 # %% ../nbs/07_dataloader.ipynb #edd831a2
-PIXELS, BYTES = 0, 1   # the two kinds of chunk
-
 @dataclass
 class DataConfig:
     "What the pretraining loader reads, and how it cuts documents into pages and byte spans and packs them into rows."
@@ -185,6 +186,9 @@ def _snap(text: str, start: int, end: int, limit: int) -> int:
     if back and (found is None or end - back <= found.end() - end): return back
     return end if found is None else found.end()
 
+# %% ../nbs/07_dataloader.ipynb #f9e25b1b
+PIXELS, BYTES = 0, 1   # the two kinds of chunk
+
 def chunk_end(text: str, start: int, kind: int, cfg: DataConfig, key: int = 0) -> int:
     "End of the chunk of `kind` (`PIXELS` or `BYTES`) that starts at `start`: its jittered target, cut after whitespace."
     n = len(text) - start
@@ -213,11 +217,12 @@ def plan_chunks(text: str, cfg: DataConfig, key: int = 0, start: int = 0, max_ch
         start, kind = end, 1 - kind
     return chunks
 
-BOS = Bytes([special('<|bos|>')], train=False)
+# %% ../nbs/07_dataloader.ipynb #1445b8ae
+BOS_SEGMENT = Bytes([special('<|bos|>')], train=False)
 
 def document_spans(text: str, cfg: DataConfig, key: int = 0) -> list:
     "The whole of `text` in the pretraining format, as if no row ever ended: `<|bos|>`, a page, bytes, a page, ..."
-    return [BOS] + [Pixels(text[a:b]) if kind == PIXELS else Bytes.text(text[a:b], before=('<|continue|>',))
+    return [BOS_SEGMENT] + [Pixels(text[a:b]) if kind == PIXELS else Bytes.text(text[a:b], before=('<|continue|>',))
                     for kind, a, b in plan_chunks(text, cfg, key)]
 
 # %% ../nbs/07_dataloader.ipynb #facead4a
@@ -230,8 +235,6 @@ def page_positions(lay: Layout, skip_blank: bool = False) -> np.ndarray:
     return np.cumsum(np.bincount(inked // c.patches_per_row, minlength=n_rows))
 
 # %% ../nbs/07_dataloader.ipynb #8e13697a
-_CONTINUE = ('<|continue|>',)
-
 class RowPacker:
     "Cuts documents into pages and byte spans and fits them into the room left in rows of `cfg.seq_len` positions."
     def __init__(self, cfg: DataConfig, plan_chars: int | None = None):
@@ -253,32 +256,36 @@ class RowPacker:
         if (key, a, b) not in self.cache: self.lay_out([(text, key, a)])
         return self.cache[key, a, b]
 
-    def fill(self, text: str, key: int, c: int, room: int) -> tuple:
-        "Segments of `text` from `c` that fit `room` positions: `(segments, next c, positions used, characters used)`."
-        cfg, segments, used, start = self.cfg, [], 0, c
-        bos, kind = c == 0, PIXELS
-        while c < len(text):
-            end = chunk_end(text, c, kind, cfg, key)
-            if kind == PIXELS:
-                cum, page = self.positions(text, key, c, end)
-                fit = int(np.searchsorted(cum, room - bos, side='right'))   # whole patch rows that fit
-                if fit == 0: break                                          # the row is full
-                if fit < len(cum):
-                    page = layout(text[c:end], cfg.render, max_patches=fit * cfg.render.patches_per_row, atlas=self.atlas)
-                cut = c + page.n_kept
-                if bos: segments.append(BOS); used += 1; room -= 1; bos = False
-                n = int(cum[fit - 1])
-                if n: segments.append(Pixels(page)); used += n; room -= n   # the layout itself: pack renders it as it is
-                kind, c = (BYTES if cut == end else PIXELS), cut
-            else:
+# %% ../nbs/07_dataloader.ipynb #598c00e3
+_CONTINUE = ('<|continue|>',)
+
+@patch
+def fill(self: RowPacker, text: str, key: int, c: int, room: int) -> tuple:
+    "Segments of `text` from `c` that fit `room` positions: `(segments, next c, positions used, characters used)`."
+    cfg, segments, used, start = self.cfg, [], 0, c
+    bos, kind = c == 0, PIXELS
+    while c < len(text):
+        end = chunk_end(text, c, kind, cfg, key)
+        if kind == PIXELS:
+            cum, page = self.positions(text, key, c, end)
+            fit = int(np.searchsorted(cum, room - bos, side='right'))   # whole patch rows that fit
+            if fit == 0: break                                          # the row is full
+            if fit < len(cum):
+                page = layout(text[c:end], cfg.render, max_patches=fit * cfg.render.patches_per_row, atlas=self.atlas)
+            cut = c + page.n_kept
+            if bos: segments.append(BOS_SEGMENT); used += 1; room -= 1; bos = False
+            n = int(cum[fit - 1])
+            if n: segments.append(Pixels(page)); used += n; room -= n   # the layout itself: pack renders it as it is
+            kind, c = (BYTES if cut == end else PIXELS), cut
+        else:
+            data = text[c:end].encode('utf-8')
+            if 1 + len(data) > room:
+                end = c + len(data[:max(room - 1, 0)].decode('utf-8', errors='ignore'))   # whole characters only
+                if end == c: kind = PIXELS; continue                                   # no byte fits: try a page
                 data = text[c:end].encode('utf-8')
-                if 1 + len(data) > room:
-                    end = c + len(data[:max(room - 1, 0)].decode('utf-8', errors='ignore'))   # whole characters only
-                    if end == c: kind = PIXELS; continue                                   # no byte fits: try a page
-                    data = text[c:end].encode('utf-8')
-                segments.append(Bytes.text(text[c:end], before=_CONTINUE)); used += 1 + len(data); room -= 1 + len(data)
-                kind, c = PIXELS, end
-        return segments, c, used, c - start
+            segments.append(Bytes.text(text[c:end], before=_CONTINUE)); used += 1 + len(data); room -= 1 + len(data)
+            kind, c = PIXELS, end
+    return segments, c, used, c - start
 
 # %% ../nbs/07_dataloader.ipynb #01cf0656
 PLAN_DOCS = 64   # documents laid out together
@@ -344,7 +351,7 @@ def generate(self: BatchStream, state: dict):
         shard, rg, doc0, char0 = resume
         n_docs = 0
         for s, g, docs in self.source.row_groups(self.rank, self.world_size, shard, rg):
-            docs = [_clean(d) for d in docs]
+            docs = [utf8_text(d) for d in docs]
             first_doc, first_char = (doc0, char0) if (s, g) == (shard, rg) else (0, 0)
             keys = [hash_key(cfg.seed, epoch, s, g, i) for i in range(len(docs))]
             for w in range(first_doc, len(docs), PLAN_DOCS):
@@ -395,6 +402,32 @@ class PretrainLoader:
         return (f"PretrainLoader({self.source.name}, rank {self.rank}/{self.world_size}, {c.batch_rows}x{c.seq_len}, "
                 f"pages ~{c.pixel_chars} chars, bytes ~{c.byte_chars} chars, prefetch={self.prefetch}, device={self.device})")
 
+# %% ../nbs/07_dataloader.ipynb #9ee05921
+@patch
+def reset_stats(self: PretrainLoader) -> None:
+    "Start the timing and throughput books afresh."
+    self._books = dict(batches=0, build_s=0.0, wait_s=0.0, step_s=0.0, step_wait_s=0.0, positions=0, chars=0)
+    self._last_return, self.last = None, {}
+
+@patch
+def _record(self: PretrainLoader, t0: float, t1: float, build_s: float, positions: int, chars: int) -> None:
+    b, wait = self._books, t1 - t0
+    if self._last_return is not None: b['step_s'] += t1 - self._last_return; b['step_wait_s'] += wait
+    self._last_return = t1
+    for k, v in (('batches', 1), ('build_s', build_s), ('wait_s', wait), ('positions', positions), ('chars', chars)): b[k] += v
+    self.last = dict(build_s=build_s, wait_s=wait, positions=positions, chars=chars,
+                     padding=1 - positions / (self.cfg.batch_rows * self.cfg.seq_len))
+
+@patch
+def stats(self: PretrainLoader) -> dict:
+    "Per batch: seconds to build and seconds waited; the share of step time waited; positions/s and chars/s of build time; padding."
+    b = self._books
+    n, build = max(b['batches'], 1), max(b['build_s'], 1e-12)
+    return dict(batches=b['batches'], build_s=b['build_s'] / n, wait_s=b['wait_s'] / n,
+                loader_fraction=b['step_wait_s'] / b['step_s'] if b['step_s'] else float('nan'),
+                positions_per_s=b['positions'] / build, chars_per_s=b['chars'] / build,
+                padding=1 - b['positions'] / (n * self.cfg.batch_rows * self.cfg.seq_len) if b['batches'] else float('nan'))
+
 # %% ../nbs/07_dataloader.ipynb #206447db
 @patch
 def __iter__(self: PretrainLoader): return self
@@ -421,6 +454,7 @@ def __next__(self: PretrainLoader) -> SegmentBatch:
     self._record(t0, t1, build_s, positions, chars)
     return batch
 
+# %% ../nbs/07_dataloader.ipynb #a7b0e712
 @patch
 def close(self: PretrainLoader) -> None:
     "Stop the prefetch thread (waiting for it) and the generator; the next batch starts again from `state_dict()`."
@@ -456,32 +490,6 @@ def load_state_dict(self: PretrainLoader, state: dict) -> None:
         if not isinstance(state[key], int) or state[key] < 0: raise ValueError(f"loader state {key} must be an int >= 0, got {state[key]!r}")
     self.close()
     self._state = {k: state[k] for k in STATE_KEYS}
-
-# %% ../nbs/07_dataloader.ipynb #9ee05921
-@patch
-def reset_stats(self: PretrainLoader) -> None:
-    "Start the timing and throughput books afresh."
-    self._books = dict(batches=0, build_s=0.0, wait_s=0.0, step_s=0.0, step_wait_s=0.0, positions=0, chars=0)
-    self._last_return, self.last = None, {}
-
-@patch
-def _record(self: PretrainLoader, t0: float, t1: float, build_s: float, positions: int, chars: int) -> None:
-    b, wait = self._books, t1 - t0
-    if self._last_return is not None: b['step_s'] += t1 - self._last_return; b['step_wait_s'] += wait
-    self._last_return = t1
-    for k, v in (('batches', 1), ('build_s', build_s), ('wait_s', wait), ('positions', positions), ('chars', chars)): b[k] += v
-    self.last = dict(build_s=build_s, wait_s=wait, positions=positions, chars=chars,
-                     padding=1 - positions / (self.cfg.batch_rows * self.cfg.seq_len))
-
-@patch
-def stats(self: PretrainLoader) -> dict:
-    "Per batch: seconds to build and seconds waited; the share of step time waited; positions/s and chars/s of build time; padding."
-    b = self._books
-    n, build = max(b['batches'], 1), max(b['build_s'], 1e-12)
-    return dict(batches=b['batches'], build_s=b['build_s'] / n, wait_s=b['wait_s'] / n,
-                loader_fraction=b['step_wait_s'] / b['step_s'] if b['step_s'] else float('nan'),
-                positions_per_s=b['positions'] / build, chars_per_s=b['chars'] / build,
-                padding=1 - b['positions'] / (n * self.cfg.batch_rows * self.cfg.seq_len) if b['batches'] else float('nan'))
 
 # %% ../nbs/07_dataloader.ipynb #232ade33
 def row_segments(batch: SegmentBatch, row: int) -> list:

@@ -12,13 +12,13 @@ from typing import Callable, Iterator
 import torch
 from fastcore.basics import patch
 
-from .segments import Pixels, Bytes, pack, dense_mask, special, decode
+from .segments import Pixels, Bytes, SequenceTooLong, pack, dense_mask, special, decode
 from .model import ImageLM, ModelConfig
 
 # %% auto #0
 __all__ = ['CALC_MAX_CHARS', 'CALC_MAX_DIGITS', 'CALC_MAX_DEPTH', 'CALC_MAX_MAGNITUDE', 'STOP_DEFAULT', 'TOOL_CALL_START',
            'TOOL_CALL_END', 'TOOL_OUTPUT_START', 'TOOL_OUTPUT_END', 'KVCache', 'sample_next', 'CalcError',
-           'calc_tokens', 'evaluate', 'format_number', 'calculate', 'Engine', 'check_sampling', 'naive_logits',
+           'calc_tokens', 'format_number', 'evaluate', 'calculate', 'Engine', 'check_sampling', 'naive_logits',
            'naive_generate']
 
 # %% ../nbs/05_engine.ipynb #33ab2ab3
@@ -41,45 +41,51 @@ class KVCache:
     @property
     def room(self) -> int: return self.max_len - self.length
 
-    def append(self, seg_id, is_pixel, doc_id, pos, grid) -> torch.Tensor:
-        "Take the metadata (B, T) of T new positions; return their mask (B, 1, T, length + T) against every cached one."
-        T = seg_id.shape[1]
-        if T > self.room: raise ValueError(f"{T} new positions do not fit: the cache holds {self.length} of {self.max_len}")
-        a, b = self.length, self.length + T
-        for buf, new in ((self.seg_id, seg_id), (self.is_pixel, is_pixel), (self.doc_id, doc_id), (self.pos, pos),
-                         (self.grid, grid)): buf[:, a:b] = new
-        self.n_new = T
-        return dense_mask(self.seg_id[:, :b], self.is_pixel[:, :b], self.doc_id[:, :b], q_start=a)
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        "Store the new chunk's k, v (B, n_kv_head, T, head_dim) of `layer`; return k, v of all cached positions of it."
-        if k.shape[2] != self.n_new: raise ValueError(f"write of {k.shape[2]} positions, but append announced {self.n_new}")
-        if self.k is None:
-            shape = (self.cfg.depth, self.batch_size, k.shape[1], self.max_len, k.shape[3])
-            self.k, self.v = (torch.zeros(shape, dtype=k.dtype, device=self.device) for _ in range(2))
-        a, b = self.length, self.length + self.n_new
-        self.k[layer, :, :, a:b], self.v[layer, :, :, a:b] = k, v
-        return self.k[layer, :, :, :b], self.v[layer, :, :, :b]
-
-    def commit(self):
-        "The chunk is written in every layer: count it as cached."
-        self.length += self.n_new; self.n_new = 0
-
-    def expand(self, n: int) -> KVCache:
-        "A cache of `n` rows, each a copy of this batch-1 cache: one prefill, `n` samples."
-        if self.batch_size != 1: raise ValueError(f"only a batch-1 cache can be expanded; this one has {self.batch_size} rows")
-        out, L = KVCache(self.cfg, n, self.max_len, self.device), self.length
-        if self.k is not None:
-            out.k = self.k.new_zeros(self.k.shape[:1] + (n,) + self.k.shape[2:]); out.v = torch.zeros_like(out.k)
-            out.k[:, :, :, :L], out.v[:, :, :, :L] = self.k[:, :, :, :L], self.v[:, :, :, :L]
-        for name in ('seg_id', 'doc_id', 'is_pixel', 'pos', 'grid', 'next_pos'): getattr(out, name)[:] = getattr(self, name)
-        out.length, out.n_segments = L, self.n_segments
-        return out
-
     def __repr__(self):
         L, pix = self.length, int(self.is_pixel[0, :self.length].sum())
         return (f"KVCache({self.batch_size} rows, {L}/{self.max_len} positions: {pix} pixel and {L - pix} byte in row 0, "
                 f"{self.n_segments} segments)")
+
+# %% ../nbs/05_engine.ipynb #d2d9ebf3
+@patch
+def append(self: KVCache, seg_id, is_pixel, doc_id, pos, grid) -> torch.Tensor:
+    "Take the metadata (B, T) of T new positions; return their mask (B, 1, T, length + T) against every cached one."
+    T = seg_id.shape[1]
+    if T > self.room: raise ValueError(f"{T} new positions do not fit: the cache holds {self.length} of {self.max_len}")
+    a, b = self.length, self.length + T
+    for buf, new in ((self.seg_id, seg_id), (self.is_pixel, is_pixel), (self.doc_id, doc_id), (self.pos, pos),
+                     (self.grid, grid)): buf[:, a:b] = new
+    self.n_new = T
+    return dense_mask(self.seg_id[:, :b], self.is_pixel[:, :b], self.doc_id[:, :b], q_start=a)
+
+@patch
+def write(self: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor):
+    "Store the new chunk's k, v (B, n_kv_head, T, head_dim) of `layer`; return k, v of all cached positions of it."
+    if k.shape[2] != self.n_new: raise ValueError(f"write of {k.shape[2]} positions, but append announced {self.n_new}")
+    if self.k is None:
+        shape = (self.cfg.depth, self.batch_size, k.shape[1], self.max_len, k.shape[3])
+        self.k, self.v = (torch.zeros(shape, dtype=k.dtype, device=self.device) for _ in range(2))
+    a, b = self.length, self.length + self.n_new
+    self.k[layer, :, :, a:b], self.v[layer, :, :, a:b] = k, v
+    return self.k[layer, :, :, :b], self.v[layer, :, :, :b]
+
+@patch
+def commit(self: KVCache):
+    "The chunk is written in every layer: count it as cached."
+    self.length += self.n_new; self.n_new = 0
+
+# %% ../nbs/05_engine.ipynb #46202f2e
+@patch
+def expand(self: KVCache, n: int) -> KVCache:
+    "A cache of `n` rows, each a copy of this batch-1 cache: one prefill, `n` samples."
+    if self.batch_size != 1: raise ValueError(f"only a batch-1 cache can be expanded; this one has {self.batch_size} rows")
+    out, L = KVCache(self.cfg, n, self.max_len, self.device), self.length
+    if self.k is not None:
+        out.k = self.k.new_zeros(self.k.shape[:1] + (n,) + self.k.shape[2:]); out.v = torch.zeros_like(out.k)
+        out.k[:, :, :, :L], out.v[:, :, :, :L] = self.k[:, :, :, :L], self.v[:, :, :, :L]
+    for name in ('seg_id', 'doc_id', 'is_pixel', 'pos', 'grid', 'next_pos'): getattr(out, name)[:] = getattr(self, name)
+    out.length, out.n_segments = L, self.n_segments
+    return out
 
 # %% ../nbs/05_engine.ipynb #a4569588
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -120,6 +126,13 @@ def calc_tokens(text: str) -> list:
     return tokens
 
 # %% ../nbs/05_engine.ipynb #4149114a
+def format_number(value: Fraction) -> str:
+    "An integer exactly, any other number to 12 significant digits."
+    return str(value.numerator) if value.denominator == 1 else f'{float(value):.12g}'
+
+def _shown(tok) -> str: return f'number {format_number(tok)}' if isinstance(tok, Fraction) else repr(tok)
+
+# %% ../nbs/05_engine.ipynb #75d344da
 class _Parser:
     "Recursive descent over calculator tokens, one method per grammar rule, with exact `Fraction` arithmetic."
     def __init__(self, tokens): self.tokens, self.i = tokens, 0
@@ -159,6 +172,7 @@ class _Parser:
             return value
         raise CalcError("unexpected end of expression" if tok is None else f"unexpected {_shown(tok)}")
 
+# %% ../nbs/05_engine.ipynb #2a1b4126
 def evaluate(expression: str) -> Fraction:
     "Exact value of an arithmetic `expression`; a `CalcError` for anything that is not one."
     tokens = calc_tokens(expression)
@@ -168,12 +182,6 @@ def evaluate(expression: str) -> Fraction:
     if parser.peek() is not None: raise CalcError(f"unexpected {_shown(parser.peek())}")
     return value
 
-def format_number(value: Fraction) -> str:
-    "An integer exactly, any other number to 12 significant digits."
-    return str(value.numerator) if value.denominator == 1 else f'{float(value):.12g}'
-
-def _shown(tok) -> str: return f'number {format_number(tok)}' if isinstance(tok, Fraction) else repr(tok)
-
 def calculate(expression: str) -> str:
     "The calculator tool: the value of `expression` as text, or 'error: ...'. It never raises."
     try: return format_number(evaluate(expression))
@@ -181,8 +189,6 @@ def calculate(expression: str) -> str:
     except (RecursionError, OverflowError, ValueError, ArithmeticError) as e: return f'error: {type(e).__name__}'
 
 # %% ../nbs/05_engine.ipynb #412f0979
-STOP_DEFAULT = (special('<|assistant_end|>'),)
-
 def _as_segments(segments) -> list:
     if isinstance(segments, (Pixels, Bytes)): return [segments]
     if not isinstance(segments, (list, tuple)):
@@ -193,8 +199,7 @@ def _packed(segments: list, cfg: ModelConfig, skip_blank: bool, device):
     "`pack` one sequence: (batch, positions it takes, rotary positions it spans). ValueError if empty or too long."
     if not segments: raise ValueError("the prompt is empty: give a non-empty list of Pixels and Bytes segments")
     try: batch = pack([segments], seq_len=cfg.seq_len, cfg=cfg.render, skip_blank=skip_blank, device=device)
-    except ValueError as e:
-        if 'does not fit' not in str(e): raise
+    except SequenceTooLong as e:
         raise ValueError(f"the prompt is longer than the context ({e}). The engine refuses prompts that do not fit "
                          "rather than cutting them: drop the earliest segments first") from None
     n = int((batch.doc_id[0] >= 0).sum())
@@ -203,6 +208,7 @@ def _packed(segments: list, cfg: ModelConfig, skip_blank: bool, device):
     if batch.rendered is not None: span += int(batch.rendered.n_patches.sum())
     return batch, n, span
 
+# %% ../nbs/05_engine.ipynb #335b85f7
 def _embed(model: ImageLM, batch, n: int, fused: bool) -> torch.Tensor:
     "Inputs (1, n, d_model) of the first `n` positions of a packed batch: fused glyphs for plain pages, else pixels."
     glyphs = fused and batch.plain
@@ -214,7 +220,7 @@ class Engine:
     "KV-cache sampler of an `ImageLM`: prefill segments, decode bytes, extend the same cache with later turns."
     def __init__(self, model: ImageLM, fused: bool = True, skip_blank: bool | None = None):
         self.model, self.cfg, self.fused = model, model.cfg, fused
-        self.skip_blank = getattr(model.cfg, 'skip_blank', False) if skip_blank is None else skip_blank   # as in training
+        self.skip_blank = model.cfg.skip_blank if skip_blank is None else skip_blank   # as in training
         self.reset()
 
     @property
@@ -228,81 +234,92 @@ class Engine:
         "Positions that `segments` take in the cache (a page takes one per patch)."
         return _packed(_as_segments(segments), self.cfg, self.skip_blank, 'cpu')[1]
 
-    def _forward(self, x, seg_id, is_pixel, doc_id, pos, grid) -> torch.Tensor:
-        "Run new positions (B, T) through the model against the cache and cache them; keep the next-byte logits of the last."
-        mask = self.cache.append(seg_id, is_pixel, doc_id, pos, grid)
-        h = self.model.hidden(x, pos, grid, is_pixel, mask, cache=self.cache)
-        self.cache.commit()
-        self.logits = self.model.logits(h[:, -1])
-        return self.logits
+# %% ../nbs/05_engine.ipynb #f78c179a
+@patch
+def _forward(self: Engine, x, seg_id, is_pixel, doc_id, pos, grid) -> torch.Tensor:
+    "Run new positions (B, T) through the model against the cache and cache them; keep the next-byte logits of the last."
+    mask = self.cache.append(seg_id, is_pixel, doc_id, pos, grid)
+    h = self.model.hidden(x, pos, grid, is_pixel, mask, cache=self.cache)
+    self.cache.commit()
+    self.logits = self.model.logits(h[:, -1])
+    return self.logits
 
-    def _byte_column(self, ids: torch.Tensor, valid: torch.Tensor, seg: int):
-        "Inputs and metadata of one byte per row; rows not `valid` (stopped) get a position nobody sees (document -1)."
-        c, B = self.cache, ids.shape[0]
-        is_pixel = torch.zeros((B, 1), dtype=torch.bool, device=c.device)
-        meta = dict(seg_id=torch.full((B, 1), seg, dtype=torch.long, device=c.device), is_pixel=is_pixel,
-                    doc_id=torch.where(valid, 0, -1)[:, None], pos=c.next_pos[:, None].clone(),
-                    grid=torch.zeros((B, 1, 2), dtype=torch.long, device=c.device))
-        c.next_pos += valid.long()
-        return self.model.embed(ids[:, None], is_pixel), meta
+@patch
+def _byte_column(self: Engine, ids: torch.Tensor, valid: torch.Tensor, seg: int):
+    "Inputs and metadata of one byte per row; rows not `valid` (stopped) get a position nobody sees (document -1)."
+    c, B = self.cache, ids.shape[0]
+    is_pixel = torch.zeros((B, 1), dtype=torch.bool, device=c.device)
+    meta = dict(seg_id=torch.full((B, 1), seg, dtype=torch.long, device=c.device), is_pixel=is_pixel,
+                doc_id=torch.where(valid, 0, -1)[:, None], pos=c.next_pos[:, None].clone(),
+                grid=torch.zeros((B, 1, 2), dtype=torch.long, device=c.device))
+    c.next_pos += valid.long()
+    return self.model.embed(ids[:, None], is_pixel), meta
 
-    @torch.no_grad()
-    def feed(self, segments: list = (), num_samples: int | None = None) -> torch.Tensor:
-        "Prefill `segments` after all that is cached (and after bytes sampled but not fed); next-byte logits (B, V)."
-        segments, dev = _as_segments(segments), self.device
-        if self.cache is None and not segments:
-            raise ValueError("the prompt is empty: give a non-empty list of Pixels and Bytes segments")
-        if segments: batch, n, span = _packed(segments, self.cfg, self.skip_blank, dev)
-        if self.cache is None: self.cache = KVCache(self.cfg, 1, device=dev)
-        c = self.cache
-        if num_samples is not None and c.batch_size not in (1, num_samples):
-            raise ValueError(f"num_samples={num_samples}, but the cache holds {c.batch_size} samples; reset() to start anew")
-        n_pending = int(self.pending is not None)
-        if segments:
-            if n_pending + n > c.room:
-                raise ValueError(f"the new segments need {n} positions, but the context (seq_len={self.cfg.seq_len}) has "
-                                 f"{c.room - n_pending} left. The engine refuses rather than cutting: start a shorter sequence")
-        elif n_pending > c.room: raise ValueError(f"the cache is full ({c.length} of {c.max_len} positions)")
-        B, xs, metas = c.batch_size, [], []
-        if self.pending is not None:
-            x, meta = self._byte_column(*self.pending)
-            xs.append(x); metas.append(meta)
-        if segments:
-            def rows(t): t = t[:, :n]; return t.expand(B, *t.shape[1:])
-            xs.append(rows(_embed(self.model, batch, n, self.fused)))
-            metas.append(dict(seg_id=rows(batch.seg_id) + c.n_segments, is_pixel=rows(batch.is_pixel),
-                              doc_id=torch.zeros((B, n), dtype=torch.long, device=dev),
-                              pos=rows(batch.pos) + c.next_pos[:, None], grid=rows(batch.grid)))
-            c.n_segments += len(segments); c.next_pos += span
-        if xs:
-            self.pending = None
-            self._forward(torch.cat(xs, 1), **{k: torch.cat([m[k] for m in metas], 1) for k in metas[0]})
-        if num_samples is not None and num_samples != c.batch_size: self._expand(num_samples)
-        return self.logits
+# %% ../nbs/05_engine.ipynb #188a10b9
+@patch
+@torch.no_grad()
+def feed(self: Engine, segments: list = (), num_samples: int | None = None) -> torch.Tensor:
+    "Prefill `segments` after all that is cached (and after bytes sampled but not fed); next-byte logits (B, V)."
+    segments, dev = _as_segments(segments), self.device
+    if self.cache is None and not segments:
+        raise ValueError("the prompt is empty: give a non-empty list of Pixels and Bytes segments")
+    if segments: batch, n, span = _packed(segments, self.cfg, self.skip_blank, dev)
+    if self.cache is None: self.cache = KVCache(self.cfg, 1, device=dev)
+    c = self.cache
+    if num_samples is not None and c.batch_size not in (1, num_samples):
+        raise ValueError(f"num_samples={num_samples}, but the cache holds {c.batch_size} samples; reset() to start anew")
+    n_pending = int(self.pending is not None)
+    if segments:
+        if n_pending + n > c.room:
+            raise ValueError(f"the new segments need {n} positions, but the context (seq_len={self.cfg.seq_len}) has "
+                             f"{c.room - n_pending} left. The engine refuses rather than cutting: start a shorter sequence")
+    elif n_pending > c.room: raise ValueError(f"the cache is full ({c.length} of {c.max_len} positions)")
+    B, xs, metas = c.batch_size, [], []
+    if self.pending is not None:
+        x, meta = self._byte_column(*self.pending)
+        xs.append(x); metas.append(meta)
+    if segments:
+        def rows(t): t = t[:, :n]; return t.expand(B, *t.shape[1:])
+        xs.append(rows(_embed(self.model, batch, n, self.fused)))
+        metas.append(dict(seg_id=rows(batch.seg_id) + c.n_segments, is_pixel=rows(batch.is_pixel),
+                          doc_id=torch.zeros((B, n), dtype=torch.long, device=dev),
+                          pos=rows(batch.pos) + c.next_pos[:, None], grid=rows(batch.grid)))
+        c.n_segments += len(segments); c.next_pos += span
+    if xs:
+        self.pending = None
+        self._forward(torch.cat(xs, 1), **{k: torch.cat([m[k] for m in metas], 1) for k in metas[0]})
+    if num_samples is not None and num_samples != c.batch_size: self._expand(num_samples)
+    return self.logits
 
-    def _expand(self, n: int):
-        "One row to `n` samples: the cache, the logits and any bytes not fed yet."
-        self.cache = self.cache.expand(n)
-        self.logits = self.logits.expand(n, -1)
-        if self.pending is not None:
-            ids, valid, seg = self.pending
-            self.pending = (ids.expand(n), valid.expand(n), seg)
+# %% ../nbs/05_engine.ipynb #db60036b
+@patch
+def _expand(self: Engine, n: int):
+    "One row to `n` samples: the cache, the logits and any bytes not fed yet."
+    self.cache = self.cache.expand(n)
+    self.logits = self.logits.expand(n, -1)
+    if self.pending is not None:
+        ids, valid, seg = self.pending
+        self.pending = (ids.expand(n), valid.expand(n), seg)
 
-    @torch.no_grad()
-    def _decode(self, ids: torch.Tensor, valid: torch.Tensor, seg: int) -> torch.Tensor:
-        x, meta = self._byte_column(ids, valid, seg)
-        return self._forward(x, **meta)
+@patch
+@torch.no_grad()
+def _decode(self: Engine, ids: torch.Tensor, valid: torch.Tensor, seg: int) -> torch.Tensor:
+    "Run one byte per row (rows not `valid` unseen) through the model; next-byte logits (B, V)."
+    x, meta = self._byte_column(ids, valid, seg)
+    return self._forward(x, **meta)
 
-    def step(self, ids) -> torch.Tensor:
-        "Feed one byte id per row, (B,), as a one-byte segment; return the next-byte logits (B, V)."
-        if self.cache is None: raise ValueError("feed a prompt before decoding")
-        if self.pending is not None: self.feed([])
-        if self.cache.room < 1: raise ValueError(f"the cache is full ({self.cache.length} of {self.cache.max_len} positions)")
-        ids = torch.as_tensor(ids, device=self.device).reshape(self.cache.batch_size)
-        self.cache.n_segments += 1
-        return self._decode(ids, torch.ones_like(ids, dtype=torch.bool), self.cache.n_segments - 1)
+@patch
+def step(self: Engine, ids) -> torch.Tensor:
+    "Feed one byte id per row, (B,), as a one-byte segment; return the next-byte logits (B, V)."
+    if self.cache is None: raise ValueError("feed a prompt before decoding")
+    if self.pending is not None: self.feed([])
+    if self.cache.room < 1: raise ValueError(f"the cache is full ({self.cache.length} of {self.cache.max_len} positions)")
+    ids = torch.as_tensor(ids, device=self.device).reshape(self.cache.batch_size)
+    self.cache.n_segments += 1
+    return self._decode(ids, torch.ones_like(ids, dtype=torch.bool), self.cache.n_segments - 1)
 
 # %% ../nbs/05_engine.ipynb #8d2ddcad
+STOP_DEFAULT = (special('<|assistant_end|>'),)
 TOOL_CALL_START, TOOL_CALL_END = special('<|tool_call_start|>'), special('<|tool_call_end|>')
 TOOL_OUTPUT_START, TOOL_OUTPUT_END = special('<|tool_output_start|>'), special('<|tool_output_end|>')
 
@@ -392,7 +409,7 @@ def generate_text(self: Engine, segments: list | None = None, **kw) -> list:
 @torch.no_grad()
 def naive_logits(model: ImageLM, segments: list, fused: bool = True, skip_blank: bool | None = None) -> torch.Tensor:
     "Next-byte logits (1, V) after `segments`: pack them and run the model over all of them, with no cache."
-    skip_blank = getattr(model.cfg, 'skip_blank', False) if skip_blank is None else skip_blank
+    skip_blank = model.cfg.skip_blank if skip_blank is None else skip_blank
     batch, n, _ = _packed(_as_segments(segments), model.cfg, skip_blank, next(model.parameters()).device)
     pos, grid, is_pixel = batch.pos[:, :n], batch.grid[:, :n], batch.is_pixel[:, :n]
     h = model.hidden(_embed(model, batch, n, fused), pos, grid, is_pixel,
@@ -406,7 +423,7 @@ def naive_generate(model: ImageLM, segments: list, max_tokens: int = 256, temper
     "Reference sampler: for every new byte, run the model over the whole sequence so far with `naive_logits`."
     check_sampling(max_tokens, temperature, top_k)
     segments, cfg = _as_segments(segments), model.cfg
-    skip_blank = getattr(cfg, 'skip_blank', False) if skip_blank is None else skip_blank
+    skip_blank = cfg.skip_blank if skip_blank is None else skip_blank
     stop = set(STOP_DEFAULT if stop_ids is None else stop_ids)
     device = next(model.parameters()).device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)

@@ -5,19 +5,20 @@
 # %% ../nbs/04_model.ipynb #1eae9365
 from __future__ import annotations
 import math
-from dataclasses import dataclass, field, fields, asdict
+from dataclasses import dataclass, field, asdict
 
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import nn
 
 from .render import RenderConfig, get_atlas
 from .patch_embed import PatchEmbedding, glyph_whitener
-from .segments import SegmentBatch, VOCAB_SIZE, IGNORE_INDEX, dense_mask, block_mask, pack, Pixels, Bytes, special
+from .segments import SegmentBatch, VOCAB_SIZE, IGNORE_INDEX, dense_mask, block_mask
 
 # %% auto #0
 __all__ = ['ModelConfig', 'norm', 'rotary_angles', 'apply_rotary', 'rotary_cos_sin', 'Attention', 'MLP', 'Block', 'ImageLM',
-           'randomize_output_projections', 'parameter_counts', 'flops_per_position']
+           'parameter_counts', 'randomize_output_projections', 'batch_flops']
 
 # %% ../nbs/04_model.ipynb #59cc6c44
 @dataclass
@@ -108,6 +109,7 @@ class Attention(nn.Module):
             y = flex_attention(q, k, v, block_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, c.d_model))
 
+# %% ../nbs/04_model.ipynb #88f6ddaa
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -147,39 +149,53 @@ class ImageLM(nn.Module):
             nn.init.zeros_(block.attn.proj.weight); nn.init.zeros_(block.mlp.down.weight)
         nn.init.normal_(self.head.weight, std=0.001)
 
-    def embed(self, byte_ids, is_pixel, patches=None, slot_glyphs=None):
-        "(B, T, d_model) inputs: byte embeddings, with pixel positions taken from `patches` or `slot_glyphs` (row-major)."
-        x = self.byte_embed(byte_ids)
-        if bool(is_pixel.any()):
-            if slot_glyphs is not None:
-                pixels = self.patch_embed.forward_glyphs(slot_glyphs, get_atlas(self.cfg.render.cell_w, self.cfg.render.cell_h))
-            elif patches is not None: pixels = self.patch_embed(patches)
-            else: raise ValueError("the batch has pixel positions but neither patches nor slot_glyphs were given")
-            x = x.index_put((is_pixel,), pixels.to(x.dtype))
-        return norm(x)
+# %% ../nbs/04_model.ipynb #32b25699
+def parameter_counts(model: ImageLM) -> dict:
+    "Parameters by part of the model, and the total."
+    parts = {'patch embedding': model.patch_embed, 'byte embedding': model.byte_embed, 'trunk': model.blocks, 'head': model.head}
+    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+    return counts | {'total': sum(counts.values())}
 
-    def hidden(self, x, pos, grid, is_pixel, mask, cache=None):
-        "Final normed hidden states (B, T, d_model) of embedded inputs `x` under attention `mask`."
-        cos, sin = rotary_cos_sin(pos, grid, is_pixel, self.cfg)
-        for block in self.blocks: x = block(x, cos, sin, mask, cache)
-        return norm(x)
+# %% ../nbs/04_model.ipynb #110f2f5e
+@patch
+def embed(self: ImageLM, byte_ids, is_pixel, patches=None, slot_glyphs=None):
+    "(B, T, d_model) inputs: byte embeddings, with pixel positions taken from `patches` or `slot_glyphs` (row-major)."
+    x = self.byte_embed(byte_ids)
+    if bool(is_pixel.any()):
+        if slot_glyphs is not None:
+            pixels = self.patch_embed.forward_glyphs(slot_glyphs, get_atlas(self.cfg.render.cell_w, self.cfg.render.cell_h))
+        elif patches is not None: pixels = self.patch_embed(patches)
+        else: raise ValueError("the batch has pixel positions but neither patches nor slot_glyphs were given")
+        x = x.index_put((is_pixel,), pixels.to(x.dtype))
+    return norm(x)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        "Soft-capped logits over the byte vocabulary, computed in float32."
-        cap = self.cfg.logit_softcap
-        return cap * torch.tanh(self.head(h).float() / cap)
+# %% ../nbs/04_model.ipynb #8ebb30c9
+@patch
+def hidden(self: ImageLM, x, pos, grid, is_pixel, mask, cache=None):
+    "Final normed hidden states (B, T, d_model) of embedded inputs `x` under attention `mask`."
+    cos, sin = rotary_cos_sin(pos, grid, is_pixel, self.cfg)
+    for block in self.blocks: x = block(x, cos, sin, mask, cache)
+    return norm(x)
 
-    def forward(self, batch: SegmentBatch, fused: bool = True, attention: str = 'sdpa', reduction: str = 'mean'):
-        "Cross-entropy (nats) over the byte targets of `batch`; `reduction='sum'` gives the total, for bits per byte."
-        if attention not in ('sdpa', 'flex'): raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
-        mask_fn = dense_mask if attention == 'sdpa' else block_mask
-        mask = mask_fn(batch.seg_id, batch.is_pixel, batch.doc_id)
-        use_glyphs = fused and batch.plain
-        x = self.embed(batch.byte_ids, batch.is_pixel, None if use_glyphs else batch.patches(),
-                       batch.slot_glyphs() if use_glyphs and batch.rendered is not None else None)
-        h = self.hidden(x, batch.pos, batch.grid, batch.is_pixel, mask)
-        scored = batch.targets != IGNORE_INDEX
-        return F.cross_entropy(self.logits(h[scored]), batch.targets[scored], reduction=reduction)
+@patch
+def logits(self: ImageLM, h: torch.Tensor) -> torch.Tensor:
+    "Soft-capped logits over the byte vocabulary, computed in float32."
+    cap = self.cfg.logit_softcap
+    return cap * torch.tanh(self.head(h).float() / cap)
+
+# %% ../nbs/04_model.ipynb #9be07c34
+@patch
+def forward(self: ImageLM, batch: SegmentBatch, fused: bool = True, attention: str = 'sdpa', reduction: str = 'mean'):
+    "Cross-entropy (nats) over the byte targets of `batch`; `reduction='sum'` gives the total, for bits per byte."
+    if attention not in ('sdpa', 'flex'): raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
+    mask_fn = dense_mask if attention == 'sdpa' else block_mask
+    mask = mask_fn(batch.seg_id, batch.is_pixel, batch.doc_id)
+    use_glyphs = fused and batch.plain
+    x = self.embed(batch.byte_ids, batch.is_pixel, None if use_glyphs else batch.patches(),
+                   batch.slot_glyphs() if use_glyphs and batch.rendered is not None else None)
+    h = self.hidden(x, batch.pos, batch.grid, batch.is_pixel, mask)
+    scored = batch.targets != IGNORE_INDEX
+    return F.cross_entropy(self.logits(h[scored]), batch.targets[scored], reduction=reduction)
 
 # %% ../nbs/04_model.ipynb #1561ed47
 @torch.no_grad()
@@ -191,20 +207,21 @@ def randomize_output_projections(model: ImageLM, std: float = 0.02, head_std: fl
     if head_std is not None: model.head.weight.normal_(std=head_std)
     return model
 
-# %% ../nbs/04_model.ipynb #32b25699
-def parameter_counts(model: ImageLM) -> dict:
-    "Parameters by part of the model, and the total."
-    parts = {'patch embedding': model.patch_embed, 'byte embedding': model.byte_embed, 'trunk': model.blocks, 'head': model.head}
-    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
-    return counts | {'total': sum(counts.values())}
-
 # %% ../nbs/04_model.ipynb #d513c845
-def flops_per_position(cfg: ModelConfig, pixel_fraction: float = 0.5) -> float:
-    "Training FLOPs (forward + backward) per input position, for a `pixel_fraction` of pixel positions."
-    d, L = cfg.d_model, cfg.depth
-    kv = cfg.n_kv_head * cfg.head_dim
-    trunk = L * (d * d + d * 2 * kv + d * d + 2 * 4 * d * d)
-    head = d * cfg.vocab_size
-    patch = d * 3 * cfg.render.patch_h * cfg.render.patch_w
-    attention = 12 * L * d * cfg.seq_len
-    return 6 * (trunk + head * (1 - pixel_fraction) + patch * pixel_fraction) + attention
+@patch
+def front_end_weight_uses(self: ImageLM, batch: SegmentBatch, fused: bool = True) -> int:
+    "Multiply-adds of the patch embedding on `batch` as it runs: the (slot, glyph) table on the fused path, else every pixel position."
+    n_pixel = int(batch.is_pixel.sum())
+    if n_pixel == 0: return 0
+    r, d = self.cfg.render, self.cfg.d_model
+    if fused and batch.plain: return int(torch.unique(batch.slot_glyphs()).numel()) * r.slots_per_patch * r.cell_h * r.cell_w * d
+    return n_pixel * d * r.patch_h * r.patch_w * (1 if batch.plain else 3)
+
+def batch_flops(model: ImageLM, batch: SegmentBatch, fused: bool = True) -> float:
+    "Training FLOPs (forward + backward) that `model` spends on `batch`: trunk, head at scored positions, attention, front end."
+    cfg = model.cfg
+    B, T = batch.byte_ids.shape
+    trunk = sum(p.numel() for p in model.blocks.parameters())
+    n_scored = int((batch.targets != IGNORE_INDEX).sum())
+    weight_uses = B * T * trunk + n_scored * cfg.d_model * cfg.vocab_size + model.front_end_weight_uses(batch, fused)
+    return 6.0 * weight_uses + 12.0 * cfg.depth * cfg.d_model * T * B * T

@@ -5,15 +5,16 @@
 # %% ../nbs/06_optim.ipynb #d722ac34
 from __future__ import annotations
 import math
-from typing import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['NS_COEFFS', 'zeropower_via_newtonschulz5', 'muon_update', 'Muon', 'muon_momentum', 'adamw_update_', 'AdamW',
-           'native_collectives', 'reduce_scatter_sum', 'all_gather_concat', 'DistAdamW', 'DistMuon', 'setup_optimizers']
+__all__ = ['NS_COEFFS', 'zeropower_via_newtonschulz5', 'muon_update', 'Muon', 'adamw_update_', 'AdamW', 'native_collectives',
+           'reduce_scatter_sum', 'all_gather_concat', 'DistAdamW', 'DistMuon', 'OptimConfig', 'muon_momentum',
+           'setup_optimizers', 'schedule_optimizers']
 
 # %% ../nbs/06_optim.ipynb #a90e9b58
 NS_COEFFS = (3.4445, -4.7750, 2.0315)   # (a, b, c) of the quintic a x + b x^3 + c x^5
@@ -43,7 +44,7 @@ def muon_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov
 # %% ../nbs/06_optim.ipynb #4ef34939
 class Muon(torch.optim.Optimizer):
     "Momentum orthogonalised by Newton-Schulz, for 2-D weight matrices."
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
+    def __init__(self, params, lr: float, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
         for group in self.param_groups:
             for p in group['params']:
@@ -62,12 +63,6 @@ class Muon(torch.optim.Optimizer):
                 update = muon_update(p.grad, state['momentum_buffer'], group['momentum'], group['nesterov'], group['ns_steps'])
                 p.add_(update, alpha=-group['lr'])
         return loss
-
-# %% ../nbs/06_optim.ipynb #c186ef49
-def muon_momentum(step: int, warmup: int = 300, start: float = 0.85, end: float = 0.95) -> float:
-    "Muon's momentum at `step`: linear from `start` to `end` over the first `warmup` steps, then constant."
-    frac = min(max(step, 0) / warmup, 1.0) if warmup > 0 else 1.0
-    return (1 - frac) * start + frac * end
 
 # %% ../nbs/06_optim.ipynb #b15232dd
 def adamw_update_(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, betas: tuple, eps: float, weight_decay: float):
@@ -105,14 +100,6 @@ _reduce_scatter = getattr(dist, 'reduce_scatter_single', None) or getattr(dist, 
 _all_gather = getattr(dist, 'all_gather_single', None) or getattr(dist, 'all_gather_into_tensor', None)
 _native: dict = {}                                              # backend name -> native tensor collectives work
 
-class _Pending:
-    "A collective's handle whose `wait` also runs `then` (used by the emulated collectives)."
-    def __init__(self, work, then): self.work, self.then = work, then
-    def wait(self):
-        if self.work is not None: self.work.wait()
-        if self.then is not None: self.then(); self.then = None
-        return True
-
 def native_collectives(group=None) -> bool:
     "Whether the backend of `group` has native `reduce_scatter_tensor` and `all_gather_into_tensor` (tried once)."
     backend = str(dist.get_backend(group))
@@ -126,6 +113,15 @@ def native_collectives(group=None) -> bool:
                 _native[backend] = True
             except (RuntimeError, NotImplementedError, ValueError): _native[backend] = False
     return _native[backend]
+
+# %% ../nbs/06_optim.ipynb #6d9c376e
+class _Pending:
+    "A collective's handle whose `wait` also runs `then` (used by the emulated collectives)."
+    def __init__(self, work, then): self.work, self.then = work, then
+    def wait(self):
+        if self.work is not None: self.work.wait()
+        if self.then is not None: self.then(); self.then = None
+        return True
 
 def reduce_scatter_sum(output: torch.Tensor, input: torch.Tensor, group=None, async_op: bool = False, emulate: bool | None = None):
     "`output` (n values) = this rank's slice of the sum over ranks of `input` (world_size * n values)."
@@ -203,9 +199,10 @@ def _shape_chunks(params: list, size: int) -> list[list]:
     for p in params: by_shape.setdefault(tuple(p.shape), []).append(p)
     return [same[i:i + size] for same in by_shape.values() for i in range(0, len(same), size)]
 
+# %% ../nbs/06_optim.ipynb #c65d065e
 class DistMuon(torch.optim.Optimizer):
     "Muon whose matrices are shared out across ranks: reduce-scatter of gradients, all-gather of updated matrices."
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+    def __init__(self, params, lr: float, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
                  process_group=None, emulate_collectives: bool | None = None):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
         for group in self.param_groups:
@@ -247,31 +244,69 @@ class DistMuon(torch.optim.Optimizer):
                 if i != rank: p.copy_(full[i])
         return loss
 
+# %% ../nbs/06_optim.ipynb #06f56416
+@dataclass(frozen=True)
+class OptimConfig:
+    "Every optimizer setting of a training run: learning rates, AdamW's betas, eps and weight decay, Muon's momentum warmup."
+    matrix_lr: float = 0.02                 # Muon: the trunk's matrices
+    embedding_lr: float = 0.2               # AdamW: the byte embedding, at the reference width
+    unembedding_lr: float = 0.004           # AdamW: the head, at the reference width
+    patch_embed: str = 'adamw'              # optimizer of the patch embedding: 'adamw' or 'muon'
+    patch_embed_lr: float | None = None     # None: derived (see setup_optimizers)
+    patch_lr_scale: float = 1.0             # multiplies the patch embedding's learning rate
+    weight_decay: float = 0.0               # AdamW, decoupled
+    betas: tuple = (0.8, 0.95)              # AdamW
+    eps: float = 1e-10                      # AdamW
+    momentum_start: float = 0.85            # Muon's momentum warms up from this...
+    momentum_end: float = 0.95              # ...to this...
+    momentum_warmup: int = 300              # ...over this many steps
+    reference_width: int = 768              # AdamW rates are tuned at this width and scaled by (d_model / it) ** -0.5
+
+    def __post_init__(self):
+        if self.patch_embed not in ('adamw', 'muon'):
+            raise ValueError(f"patch_embed must be 'adamw' or 'muon', got {self.patch_embed!r}")
+        for name in ('matrix_lr', 'embedding_lr', 'unembedding_lr', 'patch_lr_scale', 'eps'):
+            if not getattr(self, name) > 0: raise ValueError(f"OptimConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.patch_embed_lr is not None and not self.patch_embed_lr > 0:
+            raise ValueError(f"OptimConfig.patch_embed_lr must be None or > 0, got {self.patch_embed_lr!r}")
+        if self.weight_decay < 0: raise ValueError(f"OptimConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.momentum_warmup < 0: raise ValueError(f"OptimConfig.momentum_warmup must be >= 0, got {self.momentum_warmup!r}")
+
+# %% ../nbs/06_optim.ipynb #c0b1e867
+def muon_momentum(step: int, cfg: OptimConfig = OptimConfig()) -> float:
+    "Muon's momentum at `step`: linear from `cfg.momentum_start` to `cfg.momentum_end` over `cfg.momentum_warmup` steps."
+    frac = min(max(step, 0) / cfg.momentum_warmup, 1.0) if cfg.momentum_warmup > 0 else 1.0
+    return (1 - frac) * cfg.momentum_start + frac * cfg.momentum_end
+
 # %% ../nbs/06_optim.ipynb #f54cf5d4
-def setup_optimizers(model, d_model=None, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
-                     weight_decay: float = 0.0, patch_embed: str = 'adamw', patch_embed_lr: float | None = None,
-                     distributed: bool | None = None, betas: tuple = (0.8, 0.95), eps: float = 1e-10) -> list:
+def setup_optimizers(model, cfg: OptimConfig = OptimConfig(), distributed: bool | None = None) -> list:
     "[AdamW, Muon] for an ImageLM: Muon for the trunk's matrices, AdamW for embeddings and head (distributed when needed)."
-    if patch_embed not in ('adamw', 'muon'): raise ValueError(f"patch_embed must be 'adamw' or 'muon', got {patch_embed!r}")
-    d_model = getattr(d_model if d_model is not None else model.cfg, 'd_model', d_model)
     if distributed is None: distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     not_2d = [name for name, p in model.blocks.named_parameters() if p.ndim != 2]
     if not_2d: raise ValueError(f"setup_optimizers expects only 2-D matrices in the trunk; also found {not_2d}")
-    scale = (d_model / 768) ** -0.5
-    matrices, patch = list(model.blocks.parameters()), list(model.patch_embed.parameters())
-    fan_in = model.patch_embed.weight.shape[1]
-    adam_groups = [dict(params=list(model.head.parameters()), lr=unembedding_lr * scale, name='head'),
-                   dict(params=list(model.byte_embed.parameters()), lr=embedding_lr * scale, name='byte_embed')]
-    muon_groups = [dict(params=matrices, lr=matrix_lr, name='matrices')]
-    if patch_embed == 'adamw':
-        lr = patch_embed_lr if patch_embed_lr is not None else embedding_lr * scale * fan_in ** -0.5
-        adam_groups.append(dict(params=patch, lr=lr, name='patch_embed'))
-    else: muon_groups.append(dict(params=patch, lr=patch_embed_lr if patch_embed_lr is not None else matrix_lr, name='patch_embed'))
+    scale = (model.cfg.d_model / cfg.reference_width) ** -0.5
+    adam_groups = [dict(params=list(model.head.parameters()), lr=cfg.unembedding_lr * scale, name='head'),
+                   dict(params=list(model.byte_embed.parameters()), lr=cfg.embedding_lr * scale, name='byte_embed')]
+    muon_groups = [dict(params=list(model.blocks.parameters()), lr=cfg.matrix_lr, name='matrices')]
+    patch = dict(params=list(model.patch_embed.parameters()), name='patch_embed')
+    if cfg.patch_embed == 'adamw':
+        lr = cfg.patch_embed_lr or cfg.embedding_lr * scale * model.patch_embed.init_std
+        adam_groups.append(dict(patch, lr=lr * cfg.patch_lr_scale))
+    else: muon_groups.append(dict(patch, lr=(cfg.patch_embed_lr or cfg.matrix_lr) * cfg.patch_lr_scale))
     assigned = {id(p) for g in adam_groups + muon_groups for p in g['params']}
     missing = [name for name, p in model.named_parameters() if id(p) not in assigned]
     if missing: raise ValueError(f"setup_optimizers has no optimizer for {missing}")
     AdamCls, MuonCls = (DistAdamW, DistMuon) if distributed else (AdamW, Muon)
-    optimizers = [AdamCls(adam_groups, betas=betas, eps=eps, weight_decay=weight_decay), MuonCls(muon_groups, lr=matrix_lr)]
+    optimizers = [AdamCls(adam_groups, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay),
+                  MuonCls(muon_groups, lr=cfg.matrix_lr)]
     for opt in optimizers:
         for group in opt.param_groups: group['initial_lr'] = group['lr']
     return optimizers
+
+# %% ../nbs/06_optim.ipynb #c245f10d
+def schedule_optimizers(optimizers: list, lr_multiplier: float, step: int, cfg: OptimConfig = OptimConfig()) -> None:
+    "Set every group's learning rate to `initial_lr * lr_multiplier`, and Muon's momentum to `muon_momentum(step, cfg)`."
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group['lr'] = group['initial_lr'] * lr_multiplier
+            if 'momentum' in group: group['momentum'] = muon_momentum(step, cfg)

@@ -34,39 +34,48 @@ class PatchEmbedding(nn.Module):
         self.register_buffer('whitener', whitener)   # (cell pixels, cell pixels) or None: see below; saved with the weights
         self.reset_parameters()
 
+    @property
+    def init_std(self) -> float: return self.weight.shape[1] ** -0.5   # 1/sqrt(fan in)
+
     def reset_parameters(self):
         "Normal weights of std 1/sqrt(fan in): a fully inked patch, gray or colour, gets unit-variance embeddings."
-        nn.init.normal_(self.weight, std=self.weight.shape[1] ** -0.5)
-
-    def whitened(self, weight: torch.Tensor, channels: int) -> torch.Tensor:
-        "`weight` (d_model, channels * patch pixels) times the cell whitener, cell by cell; `weight` itself when there is none."
-        if self.whitener is None: return weight
-        cells = rearrange(weight, 'd (c s p) -> d c s p', c=channels, s=self.cfg.slots_per_patch)
-        return rearrange(cells @ self.whitener.to(weight.dtype), 'd c s p -> d (c s p)')
-
-    def pixel_weight(self) -> torch.Tensor:
-        "(d_model, channels * patch_h * patch_w): the map applied to RGB pixels."
-        return self.whitened(self.weight, self.channels)
-
-    def gray_weight(self) -> torch.Tensor:
-        "(d_model, patch_h * patch_w): the pixel weight summed over channels, exact for gray patches (gray = R = G = B)."
-        return self.whitened(reduce(self.weight, 'd (c f) -> d f', 'sum', c=self.channels), 1)
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        "Embed (..., channels * patch_h * patch_w) uint8 ink, or (..., patch_h * patch_w) gray ink, to (..., d_model)."
-        n = patches.shape[-1]
-        if n == self.weight.shape[1]: weight = self.pixel_weight()
-        elif n == self.patch_pixels: weight = self.gray_weight()
-        else:
-            allowed = sorted({self.weight.shape[1], self.patch_pixels})
-            raise ValueError(f"patch vectors must have {' or '.join(map(str, allowed))} values (channels x patch_h "
-                             f"{self.cfg.patch_h} x patch_w {self.cfg.patch_w}), got last dimension {n}")
-        return F.linear(patches.to(self.weight.dtype) / 255, weight)
+        nn.init.normal_(self.weight, std=self.init_std)
 
     def extra_repr(self) -> str:
         return (f"{self.channels} x {self.cfg.patch_h} x {self.cfg.patch_w} px -> {self.d_model}, "
                 f"{self.cfg.slots_per_patch} slots of {self.cfg.cell_h} x {self.cfg.cell_w}"
                 f"{', whitened cells' if self.whitener is not None else ''}")
+
+# %% ../nbs/02_patch_embed.ipynb #9a681227
+@patch
+def whitened(self: PatchEmbedding, weight: torch.Tensor, channels: int) -> torch.Tensor:
+    "`weight` (d_model, channels * patch pixels) times the cell whitener, cell by cell; `weight` itself when there is none."
+    if self.whitener is None: return weight
+    cells = rearrange(weight, 'd (c s p) -> d c s p', c=channels, s=self.cfg.slots_per_patch)
+    return rearrange(cells @ self.whitener.to(weight.dtype), 'd c s p -> d (c s p)')
+
+@patch
+def pixel_weight(self: PatchEmbedding) -> torch.Tensor:
+    "(d_model, channels * patch_h * patch_w): the map applied to RGB pixels."
+    return self.whitened(self.weight, self.channels)
+
+@patch
+def gray_weight(self: PatchEmbedding) -> torch.Tensor:
+    "(d_model, patch_h * patch_w): the pixel weight summed over channels, exact for gray patches (gray = R = G = B)."
+    return self.whitened(reduce(self.weight, 'd (c f) -> d f', 'sum', c=self.channels), 1)
+
+# %% ../nbs/02_patch_embed.ipynb #ffdad730
+@patch
+def forward(self: PatchEmbedding, patches: torch.Tensor) -> torch.Tensor:
+    "Embed (..., channels * patch_h * patch_w) uint8 ink, or (..., patch_h * patch_w) gray ink, to (..., d_model)."
+    n = patches.shape[-1]
+    if n == self.weight.shape[1]: weight = self.pixel_weight()
+    elif n == self.patch_pixels: weight = self.gray_weight()
+    else:
+        allowed = sorted({self.weight.shape[1], self.patch_pixels})
+        raise ValueError(f"patch vectors must have {' or '.join(map(str, allowed))} values (channels x patch_h "
+                         f"{self.cfg.patch_h} x patch_w {self.cfg.patch_w}), got last dimension {n}")
+    return F.linear(patches.to(self.weight.dtype) / 255, weight)
 
 # %% ../nbs/02_patch_embed.ipynb #8a7d9635
 @patch

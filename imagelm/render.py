@@ -17,6 +17,8 @@ from fastcore.basics import patch
 from matplotlib.ft2font import FT2Font
 from PIL import Image, ImageDraw, ImageFont
 
+from .common import round_up
+
 # %% auto #0
 __all__ = ['BOLD', 'ITALIC', 'STYLE_FONT_FILES', 'SIZE_PROBE', 'HEX_MICRO_FONT', 'N_CODEPOINTS', 'NEWLINE', 'TAB', 'RenderConfig',
            'font_path', 'fit_font_size', 'fallback_glyph', 'space_mark_glyph', 'GlyphAtlas', 'get_atlas', 'Span',
@@ -49,6 +51,13 @@ class RenderConfig:
         if self.page_chars % self.chars_per_patch:
             raise ValueError(f"RenderConfig.page_chars={self.page_chars} must be a multiple of the characters per "
                              f"patch, patch_w/cell_w={self.chars_per_patch}")
+
+    @classmethod
+    def for_chars_per_patch(cls, chars_per_patch: int, **fields) -> RenderConfig:
+        "A config whose patches hold `chars_per_patch` characters side by side (`patch_w` = that many cells); other fields as given."
+        if not isinstance(chars_per_patch, int) or isinstance(chars_per_patch, bool) or chars_per_patch < 1:
+            raise ValueError(f"chars_per_patch must be a positive int, got {chars_per_patch!r}")
+        return cls(patch_w=chars_per_patch * fields.get('cell_w', cls.cell_w), **fields)
 
     @property
     def chars_per_patch(self) -> int: return self.patch_w // self.cell_w   # k
@@ -318,12 +327,6 @@ class Layout:
                 f"{len(self.pictures)} pictures, truncated={self.truncated})")
 
 # %% ../nbs/01_render.ipynb #d198585e
-def _check_limit(name, value):
-    if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0):
-        raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
-
-def _round_up(n: int, multiple: int) -> int: return -(-n // multiple) * multiple
-
 def _fit_picture(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     "Resize `rgb` to fit inside width x height keeping its aspect, centred on white."
     scale = min(width / rgb.shape[1], height / rgb.shape[0])
@@ -338,8 +341,13 @@ def _place_picture(picture: Picture, cfg: RenderConfig) -> tuple:
     rgb = picture.rgb()
     n_cols = cfg.page_chars if picture.width_patches is None else min(cfg.page_chars, picture.width_patches * cfg.chars_per_patch)
     if n_cols < 1: raise ValueError(f"Picture.width_patches must be >= 1, got {picture.width_patches}")
-    n_lines = _round_up(max(1, round(rgb.shape[0] * n_cols * cfg.cell_w / rgb.shape[1] / cfg.cell_h)), cfg.lines_per_patch)
+    n_lines = round_up(max(1, round(rgb.shape[0] * n_cols * cfg.cell_w / rgb.shape[1] / cfg.cell_h)), cfg.lines_per_patch)
     return n_lines, n_cols, _fit_picture(rgb, n_cols * cfg.cell_w, n_lines * cfg.cell_h)
+
+# %% ../nbs/01_render.ipynb #5d3b2d1a
+def _check_limit(name, value):
+    if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0):
+        raise ValueError(f"{name} must be None or an int >= 0, got {value!r}")
 
 # %% ../nbs/01_render.ipynb #5edb236f
 def layout_batch(texts: list, cfg: RenderConfig = RenderConfig(), max_lines: int | None = None,
@@ -384,11 +392,11 @@ def layout_batch(texts: list, cfg: RenderConfig = RenderConfig(), max_lines: int
                 a, b = span_start[first], span_start[first] + span_len[first:first + n].sum()
                 line[a:b] += row; chars.append((a, b)); row += int(rows_per_run[run_index]); run_index += 1
             else:
-                row = _round_up(row, lpp)
+                row = round_up(row, lpp)
                 n_lines, n_cols, pixels = _place_picture(item[1], cfg)
                 pictures.append((row, n_lines, n_cols, pixels)); row += n_lines
         a, b = (chars[0][0], chars[-1][1]) if chars else (0, 0)
-        n_lines = min(_round_up(max(row, 1), lpp), limit)
+        n_lines = min(round_up(max(row, 1), lpp), limit)
         n_kept = int(np.searchsorted(line[a:b], n_lines, side='left'))
         kept_pictures = [(r, min(n, n_lines - r), c, px[:min(n, n_lines - r) * cfg.cell_h]) for r, n, c, px in pictures if r < n_lines]
         truncated = n_kept < b - a or sum(p[1] for p in kept_pictures) < sum(p[1] for p in pictures)
@@ -401,6 +409,7 @@ def layout_batch(texts: list, cfg: RenderConfig = RenderConfig(), max_lines: int
                               kept_pictures, n_lines, n_kept, truncated))
     return layouts
 
+# %% ../nbs/01_render.ipynb #19635f76
 def layout(text, cfg: RenderConfig = RenderConfig(), max_lines: int | None = None, max_patches: int | None = None,
            atlas: GlyphAtlas | None = None) -> Layout:
     "Lay out one input (str, bytes, Span, Picture or a list of them) on a page of `cfg`, cut to `max_lines` / `max_patches`."
@@ -458,6 +467,7 @@ def _split_pad(packed: torch.Tensor, counts: list, most: int) -> torch.Tensor:
     for b, n in enumerate(counts): out[b, :n] = packed[start:start + n]; start += n
     return out
 
+# %% ../nbs/01_render.ipynb #5db8119a
 @patch
 def most_lines(self: Rendered) -> int:
     "Lines of the longest page (at least one patch high): the padded page height, in lines."
@@ -525,6 +535,12 @@ def cell_pixels(self: Rendered, page: int, line: int, col: int, pixels: torch.Te
 
 # %% ../nbs/01_render.ipynb #4002ddaa
 @patch
+def packed_slot_glyphs(self: Rendered) -> torch.Tensor:
+    "Atlas row of each glyph slot of each patch, packed (all patches, slots): the input of the fused render-and-embed path."
+    c = self.cfg
+    return rearrange(self.lines, '(p l) (q k) -> (p q) (l k)', l=c.lines_per_patch, k=c.chars_per_patch)
+
+@patch
 def packed_patches(self: Rendered) -> torch.Tensor:
     "Patch vectors of all pages in reading order, packed: (all patches, channels * patch_h * patch_w) uint8 ink, slot by slot."
     c = self.cfg
@@ -534,12 +550,13 @@ def packed_patches(self: Rendered) -> torch.Tensor:
     glyphs = self.packed_slot_glyphs()
     return self.atlas.words(self.device)[glyphs].view(glyphs.shape[0], -1).view(torch.uint8)
 
-@patch
-def packed_slot_glyphs(self: Rendered) -> torch.Tensor:
-    "Atlas row of each glyph slot of each patch, packed (all patches, slots): the input of the fused render-and-embed path."
-    c = self.cfg
-    return rearrange(self.lines, '(p l) (q k) -> (p q) (l k)', l=c.lines_per_patch, k=c.chars_per_patch)
+# %% ../nbs/01_render.ipynb #44f70b9f
+def patch_image(patch_vector: torch.Tensor, cfg: RenderConfig = RenderConfig()) -> torch.Tensor:
+    "The (channels, patch_h, patch_w) picture of one slot-by-slot patch vector."
+    return rearrange(patch_vector, '(c l k h w) -> c (l h) (k w)', l=cfg.lines_per_patch, k=cfg.chars_per_patch,
+                     h=cfg.cell_h, w=cfg.cell_w)
 
+# %% ../nbs/01_render.ipynb #3f8c85e8
 @patch
 def most_patches(self: Rendered) -> int:
     "Patches of the padded page."
@@ -551,6 +568,12 @@ def pad_patches(self: Rendered, packed: torch.Tensor) -> torch.Tensor:
     return _split_pad(packed, self.n_patches.tolist(), self.most_patches())
 
 @patch
+def patch_mask(self: Rendered) -> torch.Tensor:
+    "(pages, most patches) True where the patch is on its page, False for batch padding."
+    return torch.arange(self.most_patches(), device=self.device)[None] < self.n_patches.to(self.device)[:, None]
+
+# %% ../nbs/01_render.ipynb #34b2ebbf
+@patch
 def patches(self: Rendered) -> torch.Tensor:
     "Patch pixels in reading order, (pages, most patches, channels * patch_h * patch_w) uint8 ink, zero padded."
     return self.pad_patches(self.packed_patches())
@@ -560,11 +583,7 @@ def slot_glyphs(self: Rendered) -> torch.Tensor:
     "Atlas row of each glyph slot of each patch, (pages, most patches, slots), zero (blank) padded."
     return self.pad_patches(self.packed_slot_glyphs())
 
-@patch
-def patch_mask(self: Rendered) -> torch.Tensor:
-    "(pages, most patches) True where the patch is on its page, False for batch padding."
-    return torch.arange(self.most_patches(), device=self.device)[None] < self.n_patches.to(self.device)[:, None]
-
+# %% ../nbs/01_render.ipynb #8dfa3777
 @patch
 def packed_has_ink(self: Rendered) -> torch.Tensor:
     "(all patches,) True where a patch has any ink; blank patches carry nothing but their place on the page."
@@ -577,11 +596,6 @@ def packed_grid_positions(self: Rendered) -> torch.Tensor:
     first = torch.repeat_interleave(torch.cumsum(n_patches, 0) - n_patches, n_patches)
     index_in_page = torch.arange(int(n_patches.sum()), device=self.device) - first
     return torch.stack([index_in_page // self.cfg.patches_per_row, index_in_page % self.cfg.patches_per_row], 1)
-
-def patch_image(patch_vector: torch.Tensor, cfg: RenderConfig = RenderConfig()) -> torch.Tensor:
-    "The (channels, patch_h, patch_w) picture of one slot-by-slot patch vector."
-    return rearrange(patch_vector, '(c l k h w) -> c (l h) (k w)', l=cfg.lines_per_patch, k=cfg.chars_per_patch,
-                     h=cfg.cell_h, w=cfg.cell_w)
 
 # %% ../nbs/01_render.ipynb #2c03914b
 def render_page(text, cfg: RenderConfig = RenderConfig(), max_lines: int | None = None,

@@ -4,7 +4,6 @@
 
 # %% ../nbs/03_segments.ipynb #b30d18c4
 from __future__ import annotations
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +14,7 @@ from .render import RenderConfig, Rendered, render_batch
 
 # %% auto #0
 __all__ = ['SPECIAL_TOKENS', 'N_BYTES', 'SPECIAL_IDS', 'VOCAB_SIZE', 'IGNORE_INDEX', 'special', 'decode', 'Pixels', 'Bytes',
-           'SegmentBatch', 'pack', 'attention_rule', 'dense_mask', 'block_mask']
+           'SegmentBatch', 'SequenceTooLong', 'greedy_rows', 'pack', 'attention_rule', 'dense_mask', 'block_mask']
 
 # %% ../nbs/03_segments.ipynb #c0f3cf91
 SPECIAL_TOKENS = ('<|bos|>', '<|continue|>', '<|user_start|>', '<|user_end|>', '<|assistant_start|>',
@@ -102,7 +101,15 @@ class SegmentBatch:
         return (f"SegmentBatch({B}x{T}: {int(self.is_pixel.sum())} pixel, {int((~self.is_pixel & (self.doc_id >= 0)).sum())}"
                 f" byte, {int((self.doc_id < 0).sum())} padding positions; {int((self.targets != IGNORE_INDEX).sum())} targets)")
 
-# %% ../nbs/03_segments.ipynb #01bc9e4d
+# %% ../nbs/03_segments.ipynb #e0a67068
+class SequenceTooLong(ValueError):
+    "A sequence of `positions` positions, more than the `seq_len` positions of a row."
+    def __init__(self, positions: int, seq_len: int):
+        super().__init__(f"a sequence of {positions} positions does not fit seq_len={seq_len}; cut it first")
+        self.positions, self.seq_len = positions, seq_len
+    def __reduce__(self): return type(self), (self.positions, self.seq_len)
+
+# %% ../nbs/03_segments.ipynb #4f1301ab
 def _check_sequence(seq, i):
     if not isinstance(seq, (list, tuple)) or not seq:
         raise ValueError(f"sequence {i} must be a non-empty list of Pixels and Bytes segments, got {seq!r:.80}")
@@ -110,18 +117,15 @@ def _check_sequence(seq, i):
         if not isinstance(seg, (Pixels, Bytes)):
             raise TypeError(f"sequence {i} holds a {type(seg).__name__}; segments must be Pixels or Bytes")
 
-def pack(sequences: list, seq_len: int, cfg: RenderConfig = RenderConfig(), skip_blank: bool = False,
-         n_rows: int | None = None, device='cpu', rows: list | None = None) -> SegmentBatch:
-    "Render and pack `sequences` into rows of `seq_len` positions: greedily, or in the row index given by `rows`."
-    if not isinstance(seq_len, int) or seq_len < 1: raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
-    for i, seq in enumerate(sequences): _check_sequence(seq, i)
+def _measure(sequences: list, seq_len: int, cfg: RenderConfig, skip_blank: bool, device) -> tuple:
+    "Render the pages of `sequences`: the rendered batch (or None), the positions of each sequence, and its spans."
     pages = [seg.content for seq in sequences for seg in seq if isinstance(seg, Pixels)]
     rendered = render_batch(pages, cfg, device=device) if pages else None
     if rendered is not None:
         keep = rendered.packed_has_ink() if skip_blank else torch.ones(int(rendered.n_patches.sum()), dtype=torch.bool)
         keep, grid_all = keep.cpu(), rendered.packed_grid_positions().cpu()
         patch_start = (torch.cumsum(rendered.n_patches, 0) - rendered.n_patches).tolist()
-    lengths, spans, page = [], [], 0   # spans: per sequence, per segment (kind, positions, ...)
+    lengths, spans, page = [], [], 0   # spans: per sequence, per segment ('bytes', Bytes) or ('pixels', patches, grid, count)
     for seq in sequences:
         seq_spans, n = [], 0
         for seg in seq:
@@ -129,28 +133,38 @@ def pack(sequences: list, seq_len: int, cfg: RenderConfig = RenderConfig(), skip
             start, count = patch_start[page], int(rendered.n_patches[page])
             kept = torch.nonzero(keep[start:start + count]).flatten()
             seq_spans.append(('pixels', start + kept, grid_all[start + kept], count)); n += len(kept); page += 1
-        if n > seq_len: raise ValueError(f"a sequence of {n} positions does not fit seq_len={seq_len}; cut it first")
+        if n > seq_len: raise SequenceTooLong(n, seq_len)
         lengths.append(n); spans.append(seq_spans)
-    if rows is None:
-        rows, fill = [[]], 0
-        for i, n in enumerate(lengths):
-            if fill + n > seq_len: rows.append([]); fill = 0
-            rows[-1].append(i); fill += n
-    else:
-        if len(rows) != len(sequences) or any(not isinstance(r, int) or r < 0 for r in rows) or list(rows) != sorted(rows):
-            raise ValueError(f"rows must give a non-decreasing row index >= 0 for each of the {len(sequences)} sequences")
-        by_row = [[] for _ in range(max(rows, default=-1) + 1)]
-        for i, r in enumerate(rows): by_row[r].append(i)
-        full = [r for r, members in enumerate(by_row) if sum(lengths[i] for i in members) > seq_len]
-        if full: raise ValueError(f"row {full[0]} is given sequences of more than seq_len={seq_len} positions")
-        rows = by_row
-    if n_rows is not None and len(rows) > n_rows:
-        raise ValueError(f"the sequences need {len(rows)} rows of {seq_len} positions, more than n_rows={n_rows}")
-    B = n_rows or len(rows)
-    byte_ids, is_pixel = np.zeros((B, seq_len), np.int64), np.zeros((B, seq_len), bool)
-    seg_id, doc_id = np.full((B, seq_len), -1, np.int64), np.full((B, seq_len), -1, np.int64)
-    pos, grid = np.zeros((B, seq_len), np.int64), np.zeros((B, seq_len, 2), np.int64)
-    trained, patch_index = np.zeros((B, seq_len), bool), []
+    return rendered, lengths, spans
+
+# %% ../nbs/03_segments.ipynb #c1bb7df4
+def greedy_rows(lengths: list, seq_len: int) -> list[list[int]]:
+    "Sequence indices grouped into rows in order, a new row started when the next sequence does not fit in `seq_len`."
+    rows, fill = [], 0
+    for i, n in enumerate(lengths):
+        if n > seq_len: raise SequenceTooLong(n, seq_len)
+        if not rows or fill + n > seq_len: rows.append([]); fill = 0
+        rows[-1].append(i); fill += n
+    return rows
+
+# %% ../nbs/03_segments.ipynb #00ea54db
+def _given_rows(rows: list, lengths: list, seq_len: int) -> list[list[int]]:
+    "Sequence indices of each row from `rows`, the row index of each sequence, checked."
+    if len(rows) != len(lengths) or any(not isinstance(r, int) or r < 0 for r in rows) or list(rows) != sorted(rows):
+        raise ValueError(f"rows must give a non-decreasing row index >= 0 for each of the {len(lengths)} sequences")
+    by_row = [[] for _ in range(max(rows, default=-1) + 1)]
+    for i, r in enumerate(rows): by_row[r].append(i)
+    full = [r for r, members in enumerate(by_row) if sum(lengths[i] for i in members) > seq_len]
+    if full: raise ValueError(f"row {full[0]} is given sequences of more than seq_len={seq_len} positions")
+    return by_row
+
+# %% ../nbs/03_segments.ipynb #c839123d
+def _fill_rows(spans: list, rows: list, n_rows: int, seq_len: int, patches_per_row: int) -> dict:
+    "Per-position arrays (n_rows, seq_len) of the sequences placed in `rows`, and the packed patch of each pixel position."
+    shape = (n_rows, seq_len)
+    byte_ids, is_pixel, trained = np.zeros(shape, np.int64), np.zeros(shape, bool), np.zeros(shape, bool)
+    seg_id, doc_id = np.full(shape, -1, np.int64), np.full(shape, -1, np.int64)
+    pos, grid, patch_index = np.zeros(shape, np.int64), np.zeros(shape + (2,), np.int64), []
     for r, row in enumerate(rows):
         t, s = 0, 0
         for i in row:
@@ -164,17 +178,37 @@ def pack(sequences: list, seq_len: int, cfg: RenderConfig = RenderConfig(), skip
                     _, patches, patch_grid, count = span; n = len(patches)
                     is_pixel[r, t:t + n] = True
                     grid[r, t:t + n] = patch_grid.numpy()
-                    pos[r, t:t + n] = p + patch_grid[:, 0].numpy() * cfg.patches_per_row + patch_grid[:, 1].numpy()
+                    pos[r, t:t + n] = p + patch_grid[:, 0].numpy() * patches_per_row + patch_grid[:, 1].numpy()
                     p += count; patch_index.append(patches)
                 seg_id[r, t:t + n], doc_id[r, t:t + n] = s, i
                 t += n; s += 1
+    patch_index = torch.cat(patch_index) if patch_index else torch.zeros(0, dtype=torch.long)
+    return dict(byte_ids=byte_ids, is_pixel=is_pixel, seg_id=seg_id, doc_id=doc_id, pos=pos, grid=grid, trained=trained,
+                patch_index=patch_index)
+
+# %% ../nbs/03_segments.ipynb #1cc3053b
+def _next_byte_targets(byte_ids, is_pixel, doc_id, trained) -> np.ndarray:
+    "(B, T) the next byte id where a byte is followed by a trained byte of the same sequence, else IGNORE_INDEX."
     next_ok = ~is_pixel[:, 1:] & (doc_id[:, 1:] == doc_id[:, :-1]) & (doc_id[:, 1:] >= 0) & trained[:, 1:]
-    targets = np.full((B, seq_len), IGNORE_INDEX, np.int64)
+    targets = np.full(byte_ids.shape, IGNORE_INDEX, np.int64)
     targets[:, :-1] = np.where(next_ok & ~is_pixel[:, :-1], byte_ids[:, 1:], IGNORE_INDEX)
+    return targets
+
+# %% ../nbs/03_segments.ipynb #3e7a966a
+def pack(sequences: list, seq_len: int, cfg: RenderConfig = RenderConfig(), skip_blank: bool = False,
+         n_rows: int | None = None, device='cpu', rows: list | None = None) -> SegmentBatch:
+    "Render and pack `sequences` into rows of `seq_len` positions: greedily, or in the row index given by `rows`."
+    if not isinstance(seq_len, int) or seq_len < 1: raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
+    for i, seq in enumerate(sequences): _check_sequence(seq, i)
+    rendered, lengths, spans = _measure(sequences, seq_len, cfg, skip_blank, device)
+    rows = (greedy_rows(lengths, seq_len) or [[]]) if rows is None else _given_rows(rows, lengths, seq_len)
+    if n_rows is not None and len(rows) > n_rows:
+        raise ValueError(f"the sequences need {len(rows)} rows of {seq_len} positions, more than n_rows={n_rows}")
+    filled = _fill_rows(spans, rows, n_rows or len(rows), seq_len, cfg.patches_per_row)
+    targets = _next_byte_targets(filled['byte_ids'], filled['is_pixel'], filled['doc_id'], filled['trained'])
     as_tensor = lambda a: torch.from_numpy(a).to(device)
-    return SegmentBatch(as_tensor(byte_ids), as_tensor(is_pixel), as_tensor(seg_id), as_tensor(doc_id), as_tensor(pos),
-                        as_tensor(grid), as_tensor(targets), rendered,
-                        (torch.cat(patch_index) if patch_index else torch.zeros(0, dtype=torch.long)).to(device))
+    per_position = [as_tensor(filled[k]) for k in ('byte_ids', 'is_pixel', 'seg_id', 'doc_id', 'pos', 'grid')]
+    return SegmentBatch(*per_position, as_tensor(targets), rendered, filled['patch_index'].to(device))
 
 # %% ../nbs/03_segments.ipynb #ef232f91
 def attention_rule(seg_id: torch.Tensor, is_pixel: torch.Tensor, doc_id: torch.Tensor):

@@ -13,13 +13,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .corpus import get_base_dir
+from .common import all_reduce_sum, atomic_write, get_base_dir, save_json
+from .model import batch_flops
 from .segments import IGNORE_INDEX, N_BYTES
 
 # %% auto #0
 __all__ = ['GPU_PEAK_FLOPS', 'autodetect_device', 'Process', 'init_process', 'shutdown_process', 'seed_everything', 'rng_state',
-           'set_rng_state', 'lr_multiplier', 'all_reduce_sum', 'evaluate_bpb', 'peak_flops', 'mfu', 'checkpoint_dir',
-           'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'plot_curves', 'append_report']
+           'set_rng_state', 'lr_multiplier', 'evaluate_bpb', 'measure_matmul_flops', 'peak_flops', 'mfu', 'train_step',
+           'checkpoint_dir', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'plot_curves', 'append_report']
 
 # %% ../nbs/08_train.ipynb #dba0f621
 def autodetect_device() -> str:
@@ -80,12 +81,6 @@ def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float = 0.0, war
     return progress + (1 - progress) * final_lr_frac
 
 # %% ../nbs/08_train.ipynb #a255ff9e
-def all_reduce_sum(values: list, device) -> list:
-    "Sum each of `values` over all ranks (no-op in a single process)."
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized(): dist.all_reduce(t)
-    return t.tolist()
-
 @torch.no_grad()
 def evaluate_bpb(model, batches, autocast=nullcontext) -> float:
     "Validation bits per byte of `model` over the byte targets (specials excluded) of `batches` (SegmentBatch)."
@@ -103,26 +98,58 @@ def evaluate_bpb(model, batches, autocast=nullcontext) -> float:
 # %% ../nbs/08_train.ipynb #1572465d
 GPU_PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, 'RTX 4090': 165e12}
 
-_cpu_peak_cache = {}
-def peak_flops(device: str) -> float:
-    "Peak FLOP/s of `device`: a datasheet bf16 figure for known GPUs, else a measured float32 matmul rate."
-    if str(device).startswith('cuda'):
-        name = torch.cuda.get_device_name(torch.device(device))
-        for key, value in GPU_PEAK_FLOPS.items():
-            if key in name: return value
-    key = (str(device), torch.get_num_threads())
-    if key not in _cpu_peak_cache:
-        n = 1536
-        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-        a @ b
+def measure_matmul_flops(device, n: int = 1024, trials: int = 5, seconds: float = 0.1) -> float:
+    "The best FLOP/s over `trials` runs of `seconds` of n x n matmuls (float32 on CPU, bf16 on CUDA): the least disturbed."
+    cuda = str(device).startswith('cuda')
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b; sync()
+    best = 0.0
+    for _ in range(trials):
         start, reps = time.perf_counter(), 0
-        while time.perf_counter() - start < 0.5: a @ b; reps += 1
-        _cpu_peak_cache[key] = 2 * n ** 3 * reps / (time.perf_counter() - start)
-    return _cpu_peak_cache[key]
+        while time.perf_counter() - start < seconds: a @ b; reps += 1
+        sync()
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - start))
+    return best
 
-def mfu(flops_per_position: float, positions_per_s: float, device: str, world_size: int = 1) -> float:
-    "Model FLOPs utilisation of a run doing `positions_per_s` positions per second over `world_size` devices."
-    return flops_per_position * positions_per_s / (peak_flops(device) * world_size)
+# %% ../nbs/08_train.ipynb #dfaa7722
+_peaks: dict = {}   # (device, threads) -> FLOP/s
+
+def _peak_key(device) -> tuple: return str(device), torch.get_num_threads()
+
+def peak_flops(device) -> float:
+    "Peak FLOP/s of `device`: a datasheet bf16 figure for known GPUs, else measured once; raised by any faster rate seen."
+    key = _peak_key(device)
+    if key not in _peaks:
+        name = torch.cuda.get_device_name(torch.device(device)) if str(device).startswith('cuda') else ''
+        known = [value for gpu, value in GPU_PEAK_FLOPS.items() if gpu in name]
+        _peaks[key] = known[0] if known else measure_matmul_flops(device)
+    return _peaks[key]
+
+def mfu(flops: float, seconds: float, device, world_size: int = 1) -> float:
+    "Model FLOPs utilisation of `flops` done in `seconds` by `world_size` devices: a share of their peak, never above 1."
+    rate = flops / seconds / world_size
+    key = _peak_key(device)
+    _peaks[key] = max(peak_flops(device), rate)
+    return rate / _peaks[key]
+
+# %% ../nbs/08_train.ipynb #45bc4319
+def train_step(model, optimizers: list, batches, grad_accum: int = 1, autocast=nullcontext, fused: bool = True,
+               forward=None) -> dict:
+    "One optimizer step over `grad_accum` micro-batches from `batches`: {'loss': their mean loss, 'flops': training FLOPs}."
+    forward = forward or model
+    loss, flops, n_batches = 0.0, 0.0, 0
+    for batch in batches:
+        with autocast(): batch_loss = forward(batch, fused=fused)
+        (batch_loss / grad_accum).backward()
+        loss += batch_loss.item() / grad_accum
+        flops += batch_flops(model, batch, fused)
+        n_batches += 1
+    if n_batches != grad_accum: raise ValueError(f"train_step expected {grad_accum} micro-batches, got {n_batches}")
+    for opt in optimizers: opt.step()
+    model.zero_grad(set_to_none=False)
+    return {'loss': loss, 'flops': flops}
 
 # %% ../nbs/08_train.ipynb #ab868ed0
 def checkpoint_dir(run: str) -> Path:
@@ -131,11 +158,7 @@ def checkpoint_dir(run: str) -> Path:
 
 def _step_dir(root: Path, step: int) -> Path: return Path(root) / f'step_{step:06d}'
 
-def _atomic_torch_save(obj, path: Path):
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _atomic_torch_save(obj, path: Path): atomic_write(path, lambda file: torch.save(obj, file))
 
 def save_checkpoint(root, step: int, proc: Process, model_state: dict | None, optimizer_state: list, loader_state,
                     meta: dict, fault_hook=None):
@@ -151,7 +174,7 @@ def save_checkpoint(root, step: int, proc: Process, model_state: dict | None, op
     if fault_hook: fault_hook()
     if proc.master:
         _atomic_torch_save(model_state, tmp / 'model.pt')
-        (tmp / 'meta.json').write_text(json.dumps({**meta, 'step': step, 'world_size': proc.world_size}, indent=1))
+        save_json({**meta, 'step': step, 'world_size': proc.world_size}, tmp / 'meta.json')
     if proc.distributed: dist.barrier()
     if proc.master:
         if final.exists(): shutil.rmtree(final)
@@ -178,10 +201,9 @@ def load_checkpoint(path, proc: Process, map_location='cpu') -> dict:
 # %% ../nbs/08_train.ipynb #96972342
 def plot_curves(history: dict, path, title: str = 'training') -> Path:
     "Save a PNG of training loss and validation bits per byte against step."
-    import matplotlib
-    matplotlib.use('Agg', force=False)
-    import matplotlib.pyplot as plt
-    fig, axs = plt.subplots(1, 2, figsize=(10, 3.2))
+    from matplotlib.figure import Figure     # a Figure of its own: the caller's pyplot and backend stay untouched
+    fig = Figure(figsize=(10, 3.2))
+    axs = fig.subplots(1, 2)
     if history.get('loss'):
         steps, losses = zip(*history['loss'])
         smooth, ema = [], losses[0]
@@ -194,9 +216,10 @@ def plot_curves(history: dict, path, title: str = 'training') -> Path:
         axs[1].plot(steps, bpbs, 'o-'); axs[1].set(xlabel='step', ylabel='val bits per byte', title='validation')
     fig.tight_layout()
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110); plt.close(fig)
+    fig.savefig(path, dpi=110)
     return path
 
+# %% ../nbs/08_train.ipynb #4ec231ad
 def append_report(section: str, lines: list, path=None) -> Path:
     "Append a markdown section to report.md (default: in the base folder)."
     path = Path(path) if path else get_base_dir() / 'report.md'

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install everything ImageLM needs, then run every test: the export check, nbdev_test over
-# nbs/ (lessons included) and pytest. Any failure fails the run.
+# Install everything ImageLM needs, then run every test: the export and clean checks, the output check (every
+# notebook committed executed, README.md written from nbs/index.ipynb), nbdev_test over nbs/ (lessons included, slow
+# cells too) and pytest (slow tests too). Any failure fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,14 +24,17 @@ echo "== clean check: notebooks must be committed clean (nbdev_clean)"
 nbdev_clean
 if [ -n "$(git status --porcelain -- nbs)" ]; then
     git status --porcelain -- nbs
-    echo "FAIL: notebooks carry outputs or metadata; run nbdev_clean and commit." >&2
+    echo "FAIL: notebooks carry metadata that nbdev_clean strips; run nbdev_clean and commit." >&2
     exit 1
 fi
+
+echo "== output check: notebooks show their results, README.md matches nbs/index.ipynb"
+python tools/notebooks.py check
 
 echo "== nbdev_test over nbs/ and nbs/lessons/"
 n_notebooks=$(find nbs -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' | wc -l)
 if [ "$n_notebooks" -eq 0 ]; then echo "FAIL: no notebooks to test" >&2; exit 1; fi
-nbdev_test --n_workers 2 --timing
+nbdev_test --n_workers 2 --timing --flags slow
 
 echo "== pytest tests/"
 python -m pytest tests/ -q

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from imagelm.baselines import (HOMOGLYPHS, KINDS, BlankSpaceBytePatchLM, BytePatchLM, ByteGPT, ByteLoader,
-                               baseline_optimizers, batch_slot_bytes, byte_gpt_segments, bytes_length, char_vectors,
+                               batch_slot_bytes, byte_gpt_segments, bytes_length, char_vectors,
                                homoglyph_swap, homoglyph_unswap, look_alike_cosines, make_model, pack_pieces,
                                packed_slot_codepoints, val_pieces)
 from imagelm.dataloader import DataConfig, PretrainLoader, document_spans
 from imagelm.model import ModelConfig
+from imagelm.optim import OptimConfig, setup_optimizers
 from imagelm.render import RenderConfig, render_batch
-from imagelm.segments import IGNORE_INDEX, N_BYTES, Bytes, Pixels, pack, special
+from imagelm.segments import IGNORE_INDEX, N_BYTES, Bytes, Pixels, pack
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ['--depth=1', '--d_model=48', '--seq_len=128', '--batch_rows=2', '--pixel_chars=96', '--byte_chars=48',
@@ -139,6 +140,7 @@ def run(script: str, *args, timeout=120):
     return out
 
 
+@pytest.mark.slow
 def test_compare_end_to_end(tmp_path):
     out = tmp_path / 'compare.json'
     run('compare.py', '--minutes=0.05', *TINY, f'--out={out}')
@@ -152,11 +154,13 @@ def test_compare_end_to_end(tmp_path):
         assert set(r['look_alikes']) == {'start', 'end'} and r['look_alikes']['end']['O0'] != r['look_alikes']['start']['O0']
     assert len({result[k]['val_targets'] for k in ('imagelm', 'byte_gpt', 'byte_patch')}) == 1
     assert result['byte_gpt']['positions_per_char'] > result['imagelm']['positions_per_char']
-    assert {'machine', 'config', 'corpus_hash'} <= set(result)
-    assert result['machine']['peak_flops'] > 0
+    assert {'machine', 'git_commit', 'args', 'setup', 'corpus_hash', 'created'} <= set(result)
+    assert result['machine']['peak_flops'] > 0 and len(result['git_commit']) >= 40 and result['args']['minutes'] == 0.05
+    assert all(0 < result[k]['mfu_percent'] <= 100 for k in ('imagelm', 'byte_gpt', 'byte_patch'))
     assert out.with_suffix('.png').stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_compare_equal_flops(tmp_path):
     out = tmp_path / 'flops.json'
     run('compare.py', '--flops=2e9', '--homoglyph_rate=0', '--models', 'imagelm', 'byte_gpt', *TINY, f'--out={out}')
@@ -166,6 +170,7 @@ def test_compare_equal_flops(tmp_path):
         assert 2e9 <= result[kind]['flops'] < 2e9 * 1.5 + 1e9
 
 
+@pytest.mark.slow
 def test_ablate_end_to_end(tmp_path):
     out = tmp_path / 'ablate.json'
     variants = ['base', 'k8', 'pos2d', 'skip_blank', 'skip_blank+k8', 'whiten+patch_lr_x4', 'skip_blank+show_spaces']
@@ -187,6 +192,7 @@ def test_ablate_end_to_end(tmp_path):
     assert out.with_suffix('.png').stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_seeds_are_averaged(tmp_path):
     out = tmp_path / 'seeds.json'
     run('compare.py', '--flops=1e9', '--homoglyph_rate=1', '--models', 'imagelm', '--seeds', '3', '4', *TINY, f'--out={out}')
@@ -200,6 +206,7 @@ def test_seeds_are_averaged(tmp_path):
     assert set(r['homoglyph']) >= {'clean', 'swapped', 'delta'}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('bad, message', [('foo', "unknown variant 'foo'"), ('k2+k8', 'changes the same setting twice'),
                                           ('base+k8', "unknown variant 'base'")])
 def test_ablate_refuses_bad_variants(bad, message):
@@ -208,10 +215,13 @@ def test_ablate_refuses_bad_variants(bad, message):
     assert out.returncode == 2 and message in out.stderr, out.stderr
 
 
-def test_patch_lr_scale_scales_only_the_patch_embedding():
-    model = make_model('imagelm', ModelConfig(depth=1, d_model=64, seq_len=64))
+@pytest.mark.parametrize('kind', ['imagelm', 'byte_patch'])
+def test_patch_lr_scale_scales_only_the_patch_embedding(kind):
+    model = make_model(kind, ModelConfig(depth=1, d_model=64, seq_len=64))
     lrs = lambda optimizers: {g['name']: (g['lr'], g['initial_lr']) for opt in optimizers for g in opt.param_groups}
-    plain, scaled = lrs(baseline_optimizers(model)), lrs(baseline_optimizers(model, patch_lr_scale=4.0))
+    plain, scaled = lrs(setup_optimizers(model)), lrs(setup_optimizers(model, OptimConfig(patch_lr_scale=4.0)))
+    expected = OptimConfig.embedding_lr * (64 / 768) ** -0.5 * model.patch_embed.init_std     # scaled by its initial size
+    assert plain['patch_embed'] == pytest.approx((expected, expected))
     assert scaled['patch_embed'] == pytest.approx(tuple(4 * lr for lr in plain['patch_embed']))
     assert {k: v for k, v in scaled.items() if k != 'patch_embed'} == {k: v for k, v in plain.items() if k != 'patch_embed'}
 

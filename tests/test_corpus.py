@@ -61,6 +61,7 @@ def test_unwritable_cache_warns_and_still_loads(base_dir, monkeypatch):
         assert load_embedded_corpus() == TOY_CORPUS
 
 
+@pytest.mark.slow
 def test_build_is_the_same_in_another_process():
     "Ranks of one run build the corpus separately; they must agree (string hashing is salted per process)."
     code = "from imagelm.corpus import build_embedded_corpus; print(build_embedded_corpus().content_hash)"

@@ -13,7 +13,7 @@ from imagelm.engine import (CALC_MAX_CHARS, CALC_MAX_DEPTH, CALC_MAX_DIGITS, CAL
                             calculate, evaluate, naive_generate, sample_next)
 from imagelm.model import ImageLM, ModelConfig, randomize_output_projections
 from imagelm.render import Span
-from imagelm.segments import Bytes, Pixels, decode, dense_mask, pack, special
+from imagelm.segments import Bytes, Pixels, SequenceTooLong, dense_mask, pack, special
 
 BOS, U0, U1 = special('<|bos|>'), special('<|user_start|>'), special('<|user_end|>')
 A0, A1 = special('<|assistant_start|>'), special('<|assistant_end|>')
@@ -246,8 +246,9 @@ def test_full_context_stops_cleanly_like_the_oracle_and_refuses_more():
 def test_prompt_longer_than_the_context_is_refused():
     model = random_model(2, seq_len=48)
     engine = Engine(model)
-    with pytest.raises(ValueError, match='longer than the context'):
+    with pytest.raises(ValueError, match='longer than the context') as caught:
         engine.generate([Pixels('x' * 64 * 8)], max_tokens=2)
+    assert 'does not fit seq_len=48' in str(caught.value) and not isinstance(caught.value, SequenceTooLong)
     engine.generate([Bytes([BOS]), Pixels('a line')], max_tokens=2)
     with pytest.raises(ValueError, match='refuses rather than cutting'):
         engine.generate([Pixels('\n'.join(['line'] * 6))], max_tokens=2, extend=True)

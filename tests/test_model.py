@@ -1,10 +1,14 @@
-"Model properties that need many configurations or random trials: masks honoured end to end, 2-D positions, GQA."
+"""Model properties that need many configurations or random trials: masks honoured end to end, 1-D and 2-D positions,
+GQA, flex_attention."""
+import dataclasses
+import importlib.util
 import math
+import warnings
 
 import pytest
 import torch
 
-from imagelm.model import (ImageLM, ModelConfig, flops_per_position, parameter_counts, randomize_output_projections,
+from imagelm.model import (ImageLM, ModelConfig, batch_flops, parameter_counts, randomize_output_projections,
                            rotary_cos_sin)
 from imagelm.render import RenderConfig, Span
 from imagelm.segments import Bytes, Pixels, dense_mask, pack, special
@@ -25,12 +29,14 @@ def doc(page: str, reply: str) -> list:
     return [Bytes([special('<|bos|>')], train=False), Pixels(page), Bytes.text(reply, before=('<|continue|>',))]
 
 
-CFGS = [ModelConfig(depth=2, seq_len=96, render=RenderConfig(patch_w=32, page_chars=16)),
-        ModelConfig(depth=2, d_model=96, n_head=4, n_kv_head=2, seq_len=96, render=RenderConfig(patch_w=32, page_chars=16)),
-        ModelConfig(depth=2, d_model=96, n_head=2, seq_len=96, positions='2d', render=RenderConfig(patch_w=32, page_chars=16))]
+RENDER = RenderConfig(patch_w=32, page_chars=16)
+SHAPES = {'mha': dict(depth=2), 'gqa': dict(depth=2, d_model=96, n_head=4, n_kv_head=2)}
+CFGS = {f'{name}-{positions}': ModelConfig(**shape, seq_len=96, positions=positions, render=RENDER)
+        for name, shape in SHAPES.items() for positions in ('1d', '2d')}
+both_positions = pytest.mark.parametrize('positions', ['1d', '2d'])
 
 
-@pytest.mark.parametrize('cfg', CFGS, ids=['mha', 'gqa', '2d'])
+@pytest.mark.parametrize('cfg', CFGS.values(), ids=CFGS.keys())
 def test_packed_documents_do_not_see_each_other(cfg):
     model = perturbed(cfg)
     alone = pack([doc('first page here', ' and bytes')], cfg.seq_len, cfg.render)
@@ -43,7 +49,7 @@ def test_packed_documents_do_not_see_each_other(cfg):
     torch.testing.assert_close(h_changed, h_alone, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize('cfg', CFGS, ids=['mha', 'gqa', '2d'])
+@pytest.mark.parametrize('cfg', CFGS.values(), ids=CFGS.keys())
 def test_pages_read_both_ways_and_bytes_only_backwards(cfg):
     model = perturbed(cfg, seed=1)
     a = pack([doc('abcdefgh ijklmnopq', ' xyz')], cfg.seq_len, cfg.render)
@@ -61,8 +67,9 @@ def test_pages_read_both_ways_and_bytes_only_backwards(cfg):
     assert not torch.allclose(hc[last_byte], ha[last_byte])
 
 
-def test_fused_equals_explicit_on_styled_free_batches_and_explicit_handles_colour():
-    cfg = CFGS[0]
+@both_positions
+def test_fused_equals_explicit_on_styled_free_batches_and_explicit_handles_colour(positions):
+    cfg = CFGS[f'mha-{positions}']
     model = perturbed(cfg)
     plain = pack([doc('plain words', ' then bytes'), [Pixels(['bold ', Span('word', bold=True)]), Bytes.text('!')]],
                  cfg.seq_len, cfg.render)
@@ -75,10 +82,10 @@ def test_fused_equals_explicit_on_styled_free_batches_and_explicit_handles_colou
 
 
 def test_2d_positions_rotate_patches_by_row_and_column_and_bytes_by_position():
-    cfg = ModelConfig(depth=1, d_model=96, n_head=2, seq_len=64, positions='2d', render=RenderConfig(patch_w=32, page_chars=16))
+    cfg = ModelConfig(depth=1, d_model=96, n_head=2, seq_len=64, positions='2d', render=RENDER)
     batch = pack([doc('row zero text..\nrow one', ' b')], cfg.seq_len, cfg.render)
     cos2, _ = rotary_cos_sin(batch.pos, batch.grid, batch.is_pixel, cfg)
-    cos1, _ = rotary_cos_sin(batch.pos, batch.grid, batch.is_pixel, ModelConfig(**{**cfg.__dict__, 'positions': '1d'}))
+    cos1, _ = rotary_cos_sin(batch.pos, batch.grid, batch.is_pixel, dataclasses.replace(cfg, positions='1d'))
     byte_positions = ~batch.is_pixel[0]
     torch.testing.assert_close(cos2[0, 0][byte_positions], cos1[0, 0][byte_positions])
     pixel = torch.nonzero(batch.is_pixel[0]).flatten()
@@ -90,18 +97,43 @@ def test_2d_positions_rotate_patches_by_row_and_column_and_bytes_by_position():
     torch.testing.assert_close(cos2[0, 0, a, 2 * section:], cos2[0, 0, b, 2 * section:])       # same column
 
 
-def test_loss_is_uniform_guess_at_init_and_decreases_when_fitting_one_batch():
+def test_1d_and_2d_positions_differ_on_pages_of_several_patch_rows_only():
+    models = {p: perturbed(CFGS[f'gqa-{p}'], seed=2) for p in ('1d', '2d')}     # the same weights: positions add none
+    torch.testing.assert_close(models['1d'].state_dict(), models['2d'].state_dict())
+    cfg = CFGS['gqa-2d']
+    page = pack([doc('two lines of\ntext on a page', ' bytes')], cfg.seq_len, cfg.render)
+    assert int(page.grid[..., 0].max()) >= 1                                      # more than one patch row
+    with torch.no_grad(): h1, h2 = (hidden_of(models[p], page)[0] for p in ('1d', '2d'))
+    pixel = torch.nonzero(page.is_pixel[0]).flatten()
+    torch.testing.assert_close(h1[:pixel[0]], h2[:pixel[0]])                     # the bos before the page is the same
+    assert all(not torch.allclose(h1[t], h2[t], atol=1e-4) for t in pixel)        # every patch reads the page differently
+    assert not torch.allclose(models['1d'](page), models['2d'](page))
+    only_bytes = pack([[Bytes([special('<|bos|>')], train=False), Bytes.text('no page at all')]], cfg.seq_len, cfg.render)
+    torch.testing.assert_close(models['1d'](only_bytes), models['2d'](only_bytes))  # bytes rotate the same either way
+
+
+@both_positions
+def test_loss_is_uniform_guess_at_init_and_pages_get_gradients(positions):
     torch.manual_seed(0)
-    cfg = CFGS[0]
+    cfg = CFGS[f'mha-{positions}']
+    batch = pack([doc('fit me if you can', ' please, model')] * 2, cfg.seq_len, cfg.render)
+    assert abs(ImageLM(cfg)(batch).item() - math.log(cfg.vocab_size)) < 0.05
+    model = perturbed(cfg)                      # at init the zero output projections keep pages from the loss
+    model(batch).backward()
+    assert model.patch_embed.weight.grad is not None and model.patch_embed.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_loss_decreases_when_fitting_one_batch():
+    torch.manual_seed(0)
+    cfg = CFGS['mha-2d']
     model = ImageLM(cfg)
     batch = pack([doc('fit me if you can', ' please, model')] * 2, cfg.seq_len, cfg.render)
     first = model(batch)
-    assert abs(first.item() - math.log(cfg.vocab_size)) < 0.05
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(40):
         opt.zero_grad(); loss = model(batch); loss.backward(); opt.step()
     assert loss.item() < first.item() / 3
-    assert model.patch_embed.weight.grad is not None and model.patch_embed.weight.grad.abs().sum() > 0
 
 
 def test_config_sizes_and_errors():
@@ -115,6 +147,35 @@ def test_config_sizes_and_errors():
     whitened = ImageLM(ModelConfig(depth=1, whiten=1e-3))
     assert whitened.patch_embed.whitener is not None and ImageLM(ModelConfig(depth=1)).patch_embed.whitener is None
     assert 'patch_embed.whitener' in whitened.state_dict()          # a checkpoint says whether it was trained whitened
-    with torch.device('meta'): counts = parameter_counts(ImageLM(ModelConfig(depth=20)))
+    with torch.device('meta'): big = ImageLM(ModelConfig(depth=20, seq_len=2048))
+    counts = parameter_counts(big)
     assert 380e6 < counts['total'] < 410e6
-    assert flops_per_position(ModelConfig(depth=20, seq_len=2048)) > 6 * counts['trunk']
+    batch = pack([doc('a page', ' and bytes')], 2048, big.cfg.render)
+    assert batch_flops(big, batch) > 6 * counts['trunk'] * batch.byte_ids.numel()   # every trunk weight, forward and back
+
+
+def flex_attention_available() -> bool:
+    try: return importlib.util.find_spec('torch.nn.attention.flex_attention') is not None
+    except ModuleNotFoundError: return False
+
+
+@pytest.mark.skipif(not flex_attention_available(), reason='torch.nn.attention.flex_attention is not in this torch')
+@both_positions
+def test_flex_attention_loss_equals_sdpa_loss(positions):
+    cfg = ModelConfig(depth=2, d_model=96, n_head=4, n_kv_head=2, seq_len=256, positions=positions, render=RENDER)
+    model = perturbed(cfg, seed=3)
+    docs = [doc('a first page\nof two lines', ' then its bytes'), doc('short\nlines\n\nand a gap', ' more bytes here')]
+    batch = pack(docs, cfg.seq_len, cfg.render, skip_blank=True)
+    assert batch.byte_ids.shape[0] == 1 and set(batch.doc_id[0].tolist()) == {-1, 0, 1}   # both in one row, then padding
+    assert int(batch.is_pixel.sum()) < int(batch.rendered.n_patches.sum())       # blank patches were left out
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')                                           # flex_attention runs uncompiled here
+        flex, sdpa = (model(batch, attention=attention, reduction='none') for attention in ('flex', 'sdpa'))
+    assert len(sdpa) > 20
+    torch.testing.assert_close(flex, sdpa, rtol=0, atol=1e-4)       # target by target: finer than the mean loss
+
+
+def test_unknown_attention_is_refused_by_name():
+    cfg = CFGS['mha-2d']
+    batch = pack([doc('page', ' bytes')], cfg.seq_len, cfg.render)
+    with pytest.raises(ValueError, match="attention must be 'sdpa' or 'flex'"): ImageLM(cfg)(batch, attention='other')

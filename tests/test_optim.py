@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from imagelm.model import ImageLM, ModelConfig
-from imagelm.optim import (AdamW, DistAdamW, DistMuon, Muon, muon_momentum, setup_optimizers,
+from imagelm.optim import (AdamW, DistAdamW, DistMuon, Muon, OptimConfig, muon_momentum, setup_optimizers,
                            zeropower_via_newtonschulz5)
 from imagelm.render import RenderConfig
 
@@ -28,8 +28,8 @@ def one_thread():
 SV_LO, SV_HI = 0.6, 1.25
 
 
-def tiny_cfg(depth: int = 2) -> ModelConfig:
-    return ModelConfig(depth=depth, seq_len=64, render=RenderConfig(patch_w=32, page_chars=16))
+def tiny_cfg(depth: int = 2, d_model: int | None = None) -> ModelConfig:
+    return ModelConfig(depth=depth, d_model=d_model, seq_len=64, render=RenderConfig(patch_w=32, page_chars=16))
 
 
 def ill_conditioned(m: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -104,7 +104,7 @@ def set_grads(params, step, rank=0):
 @pytest.mark.parametrize('patch_embed', ['adamw', 'muon'])
 def test_setup_optimizers_groups(patch_embed):
     model = ImageLM(tiny_cfg())
-    opts = setup_optimizers(model, patch_embed=patch_embed, weight_decay=0.1)
+    opts = setup_optimizers(model, OptimConfig(patch_embed=patch_embed, weight_decay=0.1))
     assert [type(o) for o in opts] == [AdamW, Muon]
     params = [p for o in opts for g in o.param_groups for p in g['params']]
     assert len(params) == len({id(p) for p in params}) == len(list(model.parameters()))
@@ -114,8 +114,9 @@ def test_setup_optimizers_groups(patch_embed):
     assert names['head'][1]['initial_lr'] == names['head'][1]['lr'] == pytest.approx(0.004 * scale)
     assert names['byte_embed'][1]['initial_lr'] == pytest.approx(0.2 * scale)
     assert names['matrices'][1]['initial_lr'] == 0.02 and names['head'][1]['weight_decay'] == 0.1
-    assert setup_optimizers(model, 512)[0].param_groups[0]['lr'] == pytest.approx(0.004 * (512 / 768) ** -0.5)
-    with pytest.raises(ValueError): setup_optimizers(model, patch_embed='sgd')
+    wide = ImageLM(tiny_cfg(d_model=512))
+    assert setup_optimizers(wide)[0].param_groups[0]['lr'] == pytest.approx(0.004 * (512 / 768) ** -0.5)
+    with pytest.raises(ValueError, match='patch_embed'): OptimConfig(patch_embed='sgd')
 
 
 @pytest.mark.parametrize('patch_embed', ['adamw', 'muon'])
@@ -123,7 +124,7 @@ def test_state_dict_round_trip(patch_embed):
     "Save after 3 steps, step on; a fresh model and optimizers loaded from the save take bitwise the same steps."
     torch.manual_seed(0)
     model = ImageLM(tiny_cfg(1))
-    opts = setup_optimizers(model, patch_embed=patch_embed, weight_decay=0.1)
+    opts = setup_optimizers(model, OptimConfig(patch_embed=patch_embed, weight_decay=0.1))
     for step in range(3):
         set_grads(list(model.parameters()), step)
         for o in opts: o.step()
@@ -132,7 +133,7 @@ def test_state_dict_round_trip(patch_embed):
         set_grads(list(model.parameters()), step)
         for o in opts: o.step()
     model2 = ImageLM(tiny_cfg(1)); model2.load_state_dict(saved[0])
-    opts2 = setup_optimizers(model2, patch_embed=patch_embed, weight_decay=0.1)
+    opts2 = setup_optimizers(model2, OptimConfig(patch_embed=patch_embed, weight_decay=0.1))
     for o, s in zip(opts2, saved[1]): o.load_state_dict(s)
     for step in range(3, 6):
         set_grads(list(model2.parameters()), step)
@@ -151,7 +152,7 @@ def build(distributed: bool, patch_embed: str, emulate=None):
     model = ImageLM(tiny_cfg())
     extra_m = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]               # 3 matrices on 2 ranks
     extra_v = [torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.randn(1))]  # 7 and 1 entries on 2 ranks
-    opts = setup_optimizers(model, patch_embed=patch_embed, weight_decay=0.1, distributed=distributed)
+    opts = setup_optimizers(model, OptimConfig(patch_embed=patch_embed, weight_decay=0.1), distributed=distributed)
     kw = dict(emulate_collectives=emulate) if distributed else {}
     opts += [(DistMuon if distributed else Muon)(extra_m, lr=0.02, **kw),
              (DistAdamW if distributed else AdamW)(extra_v, lr=0.01, weight_decay=0.1, **kw)]
@@ -219,6 +220,7 @@ def free_port() -> int:
         s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_distributed_matches_single_process():
     "2 gloo ranks (spawned, 120 s timeout) = 1 process on the averaged gradient; shards round-trip."
     ctx = mp.start_processes(_worker, args=(2, free_port()), nprocs=2, join=False, start_method='spawn')

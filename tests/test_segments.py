@@ -1,4 +1,5 @@
 "Packing and the attention rule against plain-Python references, and compiled flex_attention against SDPA."
+import pickle
 import random
 import warnings
 
@@ -7,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from imagelm.render import RenderConfig, render_batch
-from imagelm.segments import (IGNORE_INDEX, VOCAB_SIZE, Bytes, Pixels, block_mask, decode, dense_mask, pack, special)
+from imagelm.segments import (IGNORE_INDEX, VOCAB_SIZE, Bytes, Pixels, SequenceTooLong, block_mask, decode, dense_mask,
+                              greedy_rows, pack, special)
 
 CFG = RenderConfig(patch_w=32, page_chars=16)
 WORDS = ['alpha', 'beta', 'gamma\n', 'δέλτα', '中文', '\t', 'x' * 20, '']
@@ -84,6 +86,32 @@ def test_pack_rows_and_errors():
     with pytest.raises(TypeError, match='must be Pixels or Bytes'): pack([['text']], seq_len=20, cfg=CFG)
 
 
+def test_sequence_too_long_says_by_how_much():
+    with pytest.raises(SequenceTooLong, match='a sequence of 12 positions does not fit seq_len=10') as caught:
+        pack([[Bytes.text('x' * 5)], [Bytes.text('x' * 12)]], seq_len=10, cfg=CFG)
+    assert isinstance(caught.value, ValueError) and (caught.value.positions, caught.value.seq_len) == (12, 10)
+    again = pickle.loads(pickle.dumps(caught.value))
+    assert (type(again), again.positions, again.seq_len, str(again)) == (SequenceTooLong, 12, 10, str(caught.value))
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_greedy_rows_are_the_rows_pack_fills(seed):
+    rng = random.Random(seed)
+    lengths = [rng.choice([0, 1, 3, 7, 10]) for _ in range(rng.randint(1, 12))]
+    rows = greedy_rows(lengths, 10)
+    assert [i for row in rows for i in row] == list(range(len(lengths)))          # every sequence once, in order
+    assert all(sum(lengths[i] for i in row) <= 10 for row in rows)
+    for row, following in zip(rows, rows[1:]):                                        # a row ends only when the next one does not fit
+        assert sum(lengths[i] for i in row) + lengths[following[0]] > 10
+    seqs = [[Bytes.text('x' * n)] if n else [Pixels('')] for n in lengths]
+    batch = pack(seqs, seq_len=10, cfg=CFG, skip_blank=True)
+    assert [sorted(set(batch.doc_id[r].tolist()) - {-1}) for r in range(len(rows))] == [
+        [i for i in row if lengths[i]] for row in rows]
+    assert greedy_rows([], 10) == []
+    with pytest.raises(SequenceTooLong): greedy_rows([11], 10)
+
+
+@pytest.mark.slow
 def test_compiled_flex_attention_equals_sdpa():
     rng = random.Random(0)
     batch = pack([random_sequence(rng) for _ in range(6)], seq_len=128, cfg=CFG, n_rows=2)

@@ -28,6 +28,7 @@ def train(base: Path, run: str, *args, timeout=240, env_extra=None) -> subproces
     return subprocess.run(cmd, env={**run_env(base), **(env_extra or {})}, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_accumulation(tmp_path):
     common = ['--num_iterations=6', '--total_batch_size=512', '--prefetch=0']
     single = train(tmp_path, 'single', *common)
@@ -44,6 +45,7 @@ def test_two_gloo_processes_match_one_process_with_accumulation(tmp_path):
     assert (tmp_path / 'checkpoints' / 'double' / 'step_000005' / 'rank_001.pt').exists()
 
 
+@pytest.mark.slow
 def test_sigkill_during_training_then_resume_repeats_the_same_losses(tmp_path):
     common = ['--num_iterations=12', '--save_every=4', '--prefetch=1']
     reference = train(tmp_path, 'reference', *common)
@@ -63,6 +65,7 @@ def test_sigkill_during_training_then_resume_repeats_the_same_losses(tmp_path):
     assert losses(tmp_path, 'killed') == losses(tmp_path, 'reference')        # bitwise, on CPU with fixed seeds
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_save_never_leaves_a_corrupt_checkpoint(tmp_path):
     common = ['--num_iterations=10', '--save_every=3', '--prefetch=0']
     reference = train(tmp_path, 'reference', *common)
@@ -79,6 +82,7 @@ def test_sigkill_during_checkpoint_save_never_leaves_a_corrupt_checkpoint(tmp_pa
     assert losses(tmp_path, 'crashed') == losses(tmp_path, 'reference')
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_the_embedded_corpus(tmp_path):
     result = train(tmp_path, 'learn', '--num_iterations=40', '--depth=2', '--device_batch_size=4', '--max_seq_len=256',
                    '--prefetch=1', '--eval_batches=2')
@@ -91,9 +95,63 @@ def test_loss_goes_down_on_the_embedded_corpus(tmp_path):
     assert 'Base training' in (tmp_path / 'report.md').read_text()
 
 
+@pytest.mark.slow
 def test_help_explains_every_flag():
+    from imagelm.base_train import make_parser
+    actions = [a for a in make_parser()._actions if a.dest != 'help']
+    assert [a.dest for a in actions if not (a.help or '').strip()] == []
     out = subprocess.run([sys.executable, '-m', 'imagelm.base_train', '--help'], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
-    for flag in ('--depth', '--device_batch_size', '--total_batch_size', '--num_iterations', '--max_seq_len', '--data',
-                 '--run', '--eval_every', '--sample_every', '--save_every', '--resume', '--compile', '--dtype'):
-        assert flag in out.stdout
+    shown = ' '.join(out.stdout.split())
+    for action in actions: assert ' '.join(action.help.split()[:4]) in shown, action.dest
+
+
+FAKE_WANDB = """
+import json, os
+_log = os.environ['FAKE_WANDB_LOG']
+def _write(kind, data):
+    with open(_log, 'a') as f: f.write(json.dumps({'kind': kind, **data}) + '\\n')
+class _Run:
+    def log(self, data): _write('log', data)
+    def finish(self): _write('finish', {})
+def init(project, name, config):
+    _write('init', {'project': project, 'name': name, 'depth': config['depth']})
+    return _Run()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('run_name', ['logged', 'dummy'])
+def test_wandb_is_optional_and_logs_steps_and_evaluations(tmp_path, run_name):
+    (tmp_path / 'fake' / 'wandb').mkdir(parents=True)
+    (tmp_path / 'fake' / 'wandb' / '__init__.py').write_text(FAKE_WANDB)
+    log = tmp_path / 'wandb.jsonl'
+    extra = {'PYTHONPATH': str(tmp_path / 'fake'), 'FAKE_WANDB_LOG': str(log)}
+    result = train(tmp_path, run_name, '--num_iterations=4', '--eval_every=2', '--prefetch=0', env_extra=extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if run_name == 'dummy':
+        assert not log.exists()
+        return
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records[0] == {'kind': 'init', 'project': 'imagelm', 'name': 'logged', 'depth': 1}
+    steps = [r['step'] for r in records if r['kind'] == 'log' and 'loss' in r]
+    assert steps == [0, 1, 2, 3] and all(0 < r['mfu'] <= 1 for r in records if 'mfu' in r)
+    assert [r['step'] for r in records if 'val_bpb' in r] == [0, 2, 3]
+    assert records[-1]['kind'] == 'finish'
+
+
+@pytest.mark.slow
+def test_without_wandb_a_named_run_says_so(tmp_path):
+    blocker = tmp_path / 'block'
+    blocker.mkdir()
+    (blocker / 'wandb.py').write_text("raise ImportError('wandb is blocked for this test')")
+    result = train(tmp_path, 'named', '--num_iterations=2', '--prefetch=0', env_extra={'PYTHONPATH': str(blocker)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "wandb is not installed: run 'named'" in result.stdout
+
+
+def test_the_cpu_preset_is_what_speedrun_runs():
+    from imagelm.base_train import PRESETS, parse_args
+    args = parse_args(['--preset=cpu'])
+    assert {k: getattr(args, k) for k in PRESETS['cpu']} == PRESETS['cpu']
+    assert '--preset=cpu' in (Path(__file__).parent.parent / 'speedrun.sh').read_text()
