@@ -184,7 +184,7 @@ def setup(args) -> Run:
                               prefetch=bool(args.prefetch)) for m in range(grad_accum)]
     compile_model = args.compile if args.compile is not None else proc.device.startswith('cuda')
     return Run(args, proc, cfg, optim_cfg, data_cfg, model, torch.compile(model) if compile_model else model, optimizers,
-               loaders, grad_accum, num_iterations, autocast_for(proc.device, args.dtype), checkpoint_dir(args.run))
+               loaders, grad_accum, num_iterations, autocast_for(proc.device, args.dtype), checkpoint_dir(args.run, 'base'))
 
 # %% ../nbs/09_base_train.ipynb #f073c266
 def schedule_at(run: Run, step: int) -> float:

@@ -4,6 +4,7 @@
 
 # %% ../nbs/03_segments.ipynb #b30d18c4
 from __future__ import annotations
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,8 @@ from .render import RenderConfig, Rendered, render_batch
 
 # %% auto #0
 __all__ = ['SPECIAL_TOKENS', 'N_BYTES', 'SPECIAL_IDS', 'VOCAB_SIZE', 'IGNORE_INDEX', 'special', 'decode', 'Pixels', 'Bytes',
-           'SegmentBatch', 'SequenceTooLong', 'greedy_rows', 'pack', 'attention_rule', 'dense_mask', 'block_mask']
+           'SegmentBatch', 'SequenceTooLong', 'count_positions', 'greedy_rows', 'pack', 'attention_rule', 'dense_mask',
+           'block_mask']
 
 # %% ../nbs/03_segments.ipynb #c0f3cf91
 SPECIAL_TOKENS = ('<|bos|>', '<|continue|>', '<|user_start|>', '<|user_end|>', '<|assistant_start|>',
@@ -136,6 +138,12 @@ def _measure(sequences: list, seq_len: int, cfg: RenderConfig, skip_blank: bool,
         if n > seq_len: raise SequenceTooLong(n, seq_len)
         lengths.append(n); spans.append(seq_spans)
     return rendered, lengths, spans
+
+# %% ../nbs/03_segments.ipynb #cc37a469
+def count_positions(sequences: list, cfg: RenderConfig = RenderConfig(), skip_blank: bool = False) -> list[int]:
+    "The positions each of `sequences` takes once packed (a page: its patches, or its inked ones with `skip_blank`)."
+    for i, seq in enumerate(sequences): _check_sequence(seq, i)
+    return _measure(sequences, math.inf, cfg, skip_blank, 'cpu')[1]
 
 # %% ../nbs/03_segments.ipynb #c1bb7df4
 def greedy_rows(lengths: list, seq_len: int) -> list[list[int]]:

@@ -18,9 +18,10 @@ from .model import batch_flops
 from .segments import IGNORE_INDEX, N_BYTES
 
 # %% auto #0
-__all__ = ['GPU_PEAK_FLOPS', 'autodetect_device', 'Process', 'init_process', 'shutdown_process', 'seed_everything', 'rng_state',
-           'set_rng_state', 'lr_multiplier', 'evaluate_bpb', 'measure_matmul_flops', 'peak_flops', 'mfu', 'train_step',
-           'checkpoint_dir', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'plot_curves', 'append_report']
+__all__ = ['GPU_PEAK_FLOPS', 'STAGES', 'autodetect_device', 'Process', 'init_process', 'shutdown_process', 'seed_everything',
+           'rng_state', 'set_rng_state', 'lr_multiplier', 'evaluate_bpb', 'measure_matmul_flops', 'peak_flops', 'mfu',
+           'train_step', 'checkpoint_dir', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'plot_curves',
+           'append_report']
 
 # %% ../nbs/08_train.ipynb #dba0f621
 def autodetect_device() -> str:
@@ -152,9 +153,13 @@ def train_step(model, optimizers: list, batches, grad_accum: int = 1, autocast=n
     return {'loss': loss, 'flops': flops}
 
 # %% ../nbs/08_train.ipynb #ab868ed0
-def checkpoint_dir(run: str) -> Path:
-    "Where checkpoints of `run` live: under IMAGELM_BASE_DIR (default ~/.cache/imagelm)/checkpoints."
-    return get_base_dir() / 'checkpoints' / run
+STAGES = ('base', 'mid', 'sft', 'rl')   # pretraining, midtraining, supervised fine-tuning, reinforcement learning
+
+def checkpoint_dir(run: str, stage: str = 'base') -> Path:
+    "Where the checkpoints of `run` of `stage` live: `$IMAGELM_BASE_DIR/checkpoints/<stage>/<run>`."
+    if stage not in STAGES: raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if not run or '/' in run or run in ('.', '..'): raise ValueError(f"run must be a plain folder name, got {run!r}")
+    return get_base_dir() / 'checkpoints' / stage / run
 
 def _step_dir(root: Path, step: int) -> Path: return Path(root) / f'step_{step:06d}'
 

@@ -14,7 +14,7 @@ def run_env(base: Path) -> dict:
 
 
 def final_meta(base: Path, run: str) -> dict:
-    steps = sorted((base / 'checkpoints' / run).glob('step_*'))
+    steps = sorted((base / 'checkpoints' / 'base' / run).glob('step_*'))
     steps = [s for s in steps if not s.name.endswith('.partial')]
     return json.loads((steps[-1] / 'meta.json').read_text())
 
@@ -42,7 +42,7 @@ def test_two_gloo_processes_match_one_process_with_accumulation(tmp_path):
     one, two = losses(tmp_path, 'single'), losses(tmp_path, 'double')
     assert len(one) == len(two) == 6
     for a, b in zip(one, two): assert abs(a - b) <= 1e-4 * abs(a), (one, two)
-    assert (tmp_path / 'checkpoints' / 'double' / 'step_000005' / 'rank_001.pt').exists()
+    assert (tmp_path / 'checkpoints' / 'base' / 'double' / 'step_000005' / 'rank_001.pt').exists()
 
 
 @pytest.mark.slow
@@ -57,7 +57,7 @@ def test_sigkill_during_training_then_resume_repeats_the_same_losses(tmp_path):
         if line.startswith('step 00006/') or time.time() > deadline: break
     proc.send_signal(signal.SIGKILL); proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    saved = sorted(p.name for p in (tmp_path / 'checkpoints' / 'killed').iterdir())
+    saved = sorted(p.name for p in (tmp_path / 'checkpoints' / 'base' / 'killed').iterdir())
     assert 'step_000004' in saved and 'step_000011' not in saved
     resumed = train(tmp_path, 'killed', *common, '--resume=1')
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -72,7 +72,7 @@ def test_sigkill_during_checkpoint_save_never_leaves_a_corrupt_checkpoint(tmp_pa
     assert reference.returncode == 0, reference.stderr[-3000:]
     crashed = train(tmp_path, 'crashed', *common, env_extra={'IMAGELM_KILL_IN_SAVE': '6'})
     assert crashed.returncode == -signal.SIGKILL
-    root = tmp_path / 'checkpoints' / 'crashed'
+    root = tmp_path / 'checkpoints' / 'base' / 'crashed'
     names = sorted(p.name for p in root.iterdir())
     assert 'step_000003' in names and 'step_000006' not in names and 'step_000006.partial' in names
     resumed = train(tmp_path, 'crashed', *common, '--resume=1')
@@ -91,7 +91,7 @@ def test_loss_goes_down_on_the_embedded_corpus(tmp_path):
     first, last = history['loss'][0][1], sum(l for _, l in history['loss'][-5:]) / 5
     assert last < 0.7 * first, (first, last)
     assert history['val_bpb'][-1][1] < 6.0
-    assert (tmp_path / 'checkpoints' / 'learn' / 'curves.png').stat().st_size > 10_000
+    assert (tmp_path / 'checkpoints' / 'base' / 'learn' / 'curves.png').stat().st_size > 10_000
     assert 'Base training' in (tmp_path / 'report.md').read_text()
 
 
