@@ -23,10 +23,10 @@ from .train import (Process, append_report, checkpoint_dir, evaluate_bpb, init_p
                            set_rng_state, shutdown_process, train_step)
 
 # %% auto #0
-__all__ = ['PRESETS', 'SAMPLE_PROMPTS', 'add_model_flags', 'add_optim_flags', 'add_run_flags', 'add_device_flags', 'make_parser',
-           'parse_args', 'model_config', 'optim_config', 'grad_accum_steps', 'sample_completions', 'Run', 'setup',
-           'schedule_at', 'step_once', 'step_line', 'evaluate', 'save', 'restore', 'start_wandb', 'finish', 'train',
-           'main']
+__all__ = ['PRESETS', 'SAMPLE_PROMPTS', 'STAGE_TITLES', 'add_model_flags', 'add_optim_flags', 'add_run_flags', 'add_device_flags',
+           'make_parser', 'parse_args', 'model_config', 'optim_config', 'grad_accum_steps', 'sample_completions', 'Run',
+           'setup', 'schedule_at', 'step_once', 'step_line', 'evaluate', 'save', 'restore', 'start_wandb', 'finish',
+           'base_samples', 'train', 'main']
 
 # %% ../nbs/09_base_train.ipynb #487a0023
 def add_model_flags(a):
@@ -156,6 +156,8 @@ class Run:
     history: dict = field(default_factory=lambda: {'loss': [], 'val_bpb': [], 'log': []})
     start_step: int = 0
     trained_s: float = 0.0
+    stage: str = 'base'
+    sample: object = None           # model -> [(prompt, text)]: what the run prints as its samples
 
     @property
     def positions_per_step(self) -> int:
@@ -241,7 +243,7 @@ def _fault_hook(step: int):
 
 def save(run: Run, step: int) -> Path:
     "Write the checkpoint of `step`: model, optimizer and loader states of every rank, and meta.json."
-    meta = {'history': run.history, 'model_config': run.cfg.to_dict(), 'args': vars(run.args),
+    meta = {'stage': run.stage, 'history': run.history, 'model_config': run.cfg.to_dict(), 'args': vars(run.args),
             'minutes': run.trained_s / 60, 'peak_flops': peak_flops(run.proc.device)}
     return save_checkpoint(run.ckpt_root, step, run.proc, run.model.state_dict() if run.proc.master else None,
                            [opt.state_dict() for opt in run.optimizers], [l.state_dict() for l in run.loaders], meta,
@@ -268,6 +270,8 @@ def start_wandb(args, cfg: ModelConfig):
     return wandb.init(project='imagelm', name=args.run, config={**vars(args), 'model_config': cfg.to_dict()})
 
 # %% ../nbs/09_base_train.ipynb #2b6a2086
+STAGE_TITLES = {'base': 'Base training', 'mid': 'Midtraining', 'sft': 'Supervised fine-tuning', 'rl': 'Reinforcement learning'}
+
 def finish(run: Run, last_step: int) -> dict:
     "Close the loaders; rank 0 draws the curves and appends the report. The run's figures."
     for loader in run.loaders: loader.close()
@@ -275,8 +279,8 @@ def finish(run: Run, last_step: int) -> dict:
     figures = {'steps': last_step + 1, 'final_val_bpb': val[-1][1] if val else None, 'parameters': run.n_params,
                'minutes': run.trained_s / 60}
     if run.proc.master and last_step >= run.start_step:
-        png = plot_curves(run.history, run.ckpt_root / 'curves.png', title=f'base training, depth {run.cfg.depth}')
-        append_report('Base training', [
+        png = plot_curves(run.history, run.ckpt_root / 'curves.png', title=f'{STAGE_TITLES[run.stage].lower()}, depth {run.cfg.depth}')
+        append_report(STAGE_TITLES[run.stage], [
             f'- run: {run.args.run}, depth {run.cfg.depth}, {run.n_params:,} parameters, k={run.cfg.render.chars_per_patch}',
             f'- steps: {last_step + 1} of {run.num_iterations}, {run.positions_per_step:,} positions each, {run.trained_s / 60:.1f} min',
             f"- final val bits per byte: {figures['final_val_bpb']:.4f}" if val else '- no evaluation',
@@ -285,15 +289,19 @@ def finish(run: Run, last_step: int) -> dict:
     return figures
 
 # %% ../nbs/09_base_train.ipynb #ae490e15
-def train(args) -> dict:
-    "Pretrain from parsed `args`; returns the history (losses, val bpb, step records) and the final figures."
+def base_samples(model: ImageLM) -> list:
+    "`(prompt, continuation)` of the pretraining prompts: what a base run prints as its samples."
+    return list(zip(SAMPLE_PROMPTS, sample_completions(model)))
+
+def train(args, setup=setup) -> dict:
+    "Train from parsed `args` (pretraining, or the stage `setup` makes); returns the history and the final figures."
     run = setup(args)
     if args.resume:
         latest = latest_checkpoint(run.ckpt_root)
         if latest is None: run.log(f'--resume: no checkpoint in {run.ckpt_root}, starting from scratch')
         else: restore(run, latest); run.log(f'resumed from {latest} at step {run.start_step}')
     c, a = run.cfg, args
-    run.log(f'ImageLM: {run.n_params:,} parameters, depth {c.depth}, width {c.d_model}, k={c.render.chars_per_patch} | '
+    run.log(f'{STAGE_TITLES[run.stage]} of ImageLM: {run.n_params:,} parameters, depth {c.depth}, width {c.d_model}, k={c.render.chars_per_patch} | '
             f'{run.num_iterations} steps of {run.positions_per_step:,} positions ({run.proc.world_size} x {run.grad_accum} '
             f'micro-batches of {a.device_batch_size} x {a.max_seq_len}) | {run.proc.device}, {autocast_dtype(run.proc.device, a.dtype)}')
     wandb_run = start_wandb(args, c) if run.proc.master else None
@@ -312,7 +320,7 @@ def train(args) -> dict:
             run.log(f'step {step:05d} | val bpb {bpb:.4f} | {run.trained_s / 60:.1f} min trained')
             if wandb_run: wandb_run.log({'step': step, 'val_bpb': bpb})
         if a.sample_every > 0 and step % a.sample_every == 0 and step > 0 or final or out_of_time:
-            for prompt, text in zip(SAMPLE_PROMPTS, sample_completions(run.model)) if run.proc.master else []:
+            for prompt, text in (run.sample or base_samples)(run.model) if run.proc.master else []:
                 run.log(f'  sample | {prompt}|{text!r}')
         if a.save_every > 0 and step % a.save_every == 0 and step > 0 or final or out_of_time: save(run, step)
         if out_of_time:

@@ -25,7 +25,7 @@ from .segments import IGNORE_INDEX, Bytes, Pixels, SegmentBatch, decode, pack, s
 __all__ = ['PIXELS', 'BYTES', 'BOS_SEGMENT', 'PLAN_DOCS', 'STATE_KEYS', 'utf8_text', 'ListSource', 'embedded_source',
            'default_data_dir', 'list_parquet_files', 'ShardError', 'ParquetSource', 'make_source', 'hash_key',
            'jitter_uniform', 'DataConfig', 'chunk_end', 'plan_chunks', 'document_spans', 'page_positions', 'RowPacker',
-           'BatchStream', 'PretrainLoader', 'row_segments', 'show_packed_rows']
+           'Prefetcher', 'BatchStream', 'PretrainLoader', 'row_segments', 'show_packed_rows']
 
 # %% ../nbs/07_dataloader.ipynb #7eb7fc33
 _SURROGATES = re.compile('[\ud800-\udfff]')
@@ -314,6 +314,24 @@ def _produce(batches, q: queue.Queue, stop: threading.Event):
             if not _put(q, stop, item + (time.perf_counter() - t,)): return
     except BaseException as error: _put(q, stop, _Failure(error))
 
+class Prefetcher:
+    "Builds the items of a generator of tuples in a background thread, `depth` ahead; `next` gives `item + (build seconds,)`."
+    def __init__(self, items, depth: int = 1):
+        self.queue, self.stop = queue.Queue(maxsize=depth), threading.Event()
+        self.thread = threading.Thread(target=_produce, args=(items, self.queue, self.stop), name='imagelm-prefetch', daemon=True)
+        self.thread.start()
+
+    def __iter__(self): return self
+    def __next__(self) -> tuple:
+        item = self.queue.get()
+        if item is _END: self.close(); raise StopIteration
+        if isinstance(item, _Failure): self.close(); raise item.error
+        return item
+
+    def close(self) -> None:
+        "Stop the thread, waiting for it to finish the item it is building."
+        self.stop.set(); self.thread.join()
+
 # %% ../nbs/07_dataloader.ipynb #5cdf66c0
 @dataclass
 class BatchStream:
@@ -392,7 +410,7 @@ class PretrainLoader:
         self.prefetch, self.loop = prefetch, loop
         self.source = make_source(cfg.source, cfg.split)
         self.stream = BatchStream(cfg, self.source, rank, world_size, self.device, loop)
-        self._batches = self._thread = None
+        self._batches = self._prefetcher = None
         self._state = self.stream.position(0, 0, 0, 0, 0)
         self.reset_stats()
         if state is not None: self.load_state_dict(state)
@@ -440,15 +458,9 @@ def __next__(self: PretrainLoader) -> SegmentBatch:
         batch, positions, state, chars = next(self._batches)   # StopIteration ends the loop
         build_s = time.perf_counter() - t0
     else:
-        if self._thread is None:
-            self._queue, self._stop = queue.Queue(maxsize=1), threading.Event()
-            self._thread = threading.Thread(target=_produce, args=(self._batches, self._queue, self._stop),
-                                            name='imagelm-prefetch', daemon=True)
-            self._thread.start()
-        item = self._queue.get()
-        if item is _END: self.close(); raise StopIteration
-        if isinstance(item, _Failure): self.close(); raise item.error
-        batch, positions, state, chars, build_s = item
+        if self._prefetcher is None: self._prefetcher = Prefetcher(self._batches)
+        try: batch, positions, state, chars, build_s = next(self._prefetcher)
+        except BaseException: self.close(); raise                        # the end (StopIteration), or the thread's error
     t1 = time.perf_counter()
     self._state = state
     self._record(t0, t1, build_s, positions, chars)
@@ -458,10 +470,7 @@ def __next__(self: PretrainLoader) -> SegmentBatch:
 @patch
 def close(self: PretrainLoader) -> None:
     "Stop the prefetch thread (waiting for it) and the generator; the next batch starts again from `state_dict()`."
-    if self._thread is not None:
-        self._stop.set()
-        self._thread.join()
-        self._thread = None
+    if self._prefetcher is not None: self._prefetcher.close(); self._prefetcher = None
     if self._batches is not None: self._batches.close(); self._batches = None
 
 @patch

@@ -102,7 +102,7 @@ def test_bad_shards_name_the_file(shard_dir, prefetch):
     loader = PretrainLoader(DataConfig(source=str(folder), seq_len=256, batch_rows=2), loop=False, prefetch=prefetch)
     with pytest.raises(ShardError, match='shard_00001.parquet'):
         for _ in loader: pass
-    assert loader._thread is None                                     # the prefetch thread is gone
+    assert loader._prefetcher is None                                 # the prefetch thread is gone
     with pytest.raises(ShardError, match='missing.parquet'):
         list(ParquetSource([folder / 'missing.parquet']).row_groups())
     pq.write_table(pa.table({'body': ['no text column']}), folder / 'notext.parquet')
@@ -179,7 +179,7 @@ def test_prefetch_matches_and_stops():
     expected = [next(plain) for _ in range(5)]
     with PretrainLoader(cfg, prefetch=True) as fetched:
         for a in expected[:3]: assert_same_batch(a, next(fetched))
-        thread = fetched._thread
+        thread = fetched._prefetcher.thread
         assert thread.is_alive()
         fetched.close()                                               # stops the thread, keeps the position
         assert not thread.is_alive()
@@ -206,7 +206,7 @@ def test_dropped_prefetching_loader_stops_its_thread():
     import gc
     loader = PretrainLoader(DataConfig(seq_len=256, batch_rows=2), prefetch=True)
     next(loader)
-    thread = loader._thread
+    thread = loader._prefetcher.thread
     del loader
     gc.collect()
     thread.join(timeout=5)
