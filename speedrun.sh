@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# ImageLM speedrun: pretrain end to end on this machine, then write the report.
-#   GPU node:  torchrun over every GPU with the gpu preset (depth 20).
-#   CPU only:  the cpu preset, a small model on the embedded corpus that trains in about 15 minutes on 2 cores.
-# The presets live in imagelm.base_train.PRESETS (`python -m imagelm.base_train --help`). Set RUN, DATA, DEPTH, STEPS or
-# MINUTES to change them; checkpoints, curves and report.md go to $IMAGELM_BASE_DIR (default ~/.cache/imagelm).
+# ImageLM speedrun: base pretraining, midtraining, supervised fine-tuning and the chat evals, end to end, then the report.
+#   GPU node:  torchrun over every GPU with the gpu presets (depth 20).
+#   CPU only:  the cpu presets on the embedded corpus and the offline tasks: about 20 minutes on 2 cores.
+# The presets live in imagelm.base_train.PRESETS and imagelm.chat_train.CHAT_PRESETS (`--help` of each stage). Set RUN,
+# DATA, DEPTH or STEPS to change base training, and BASE_MINUTES, MID_MINUTES, SFT_MINUTES to change the CPU budgets;
+# checkpoints, curves, eval figures and report.md go to $IMAGELM_BASE_DIR (default ~/.cache/imagelm).
 #
 #   bash speedrun.sh
 #   screen -L -Logfile speedrun.log -S speedrun bash speedrun.sh
@@ -22,13 +23,23 @@ NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
 echo "== ImageLM speedrun: run '$RUN', $NGPU GPU(s), base dir $IMAGELM_BASE_DIR"
 printf '# ImageLM report\n\nrun %s, started %s on %s\n' "$RUN" "$(date -u +%FT%TZ)" "$(hostname)" > "$IMAGELM_BASE_DIR/report.md"
 
-OVERRIDES=(${DEPTH:+--depth=$DEPTH} ${STEPS:+--num_iterations=$STEPS} ${MINUTES:+--time_budget=$MINUTES})
+OVERRIDES=(${DEPTH:+--depth=$DEPTH} ${STEPS:+--num_iterations=$STEPS})
 if [ "$NGPU" -gt 0 ]; then
     # Downloaded FineWeb-Edu shards when present, else the embedded corpus (which a depth-20 run repeats many times).
     DATA="${DATA:-$(python -c "from imagelm.dataloader import list_parquet_files as f; print('parquet' if len(f()) > 1 else 'embedded')" 2>/dev/null || echo embedded)}"
-    torchrun --standalone --nproc_per_node="$NGPU" -m imagelm.base_train -- --preset=gpu --run="$RUN" --data="$DATA" "${OVERRIDES[@]}"
+    LAUNCH=(torchrun --standalone --nproc_per_node="$NGPU" -m)
+    "${LAUNCH[@]}" imagelm.base_train -- --preset=gpu --run="$RUN" --data="$DATA" "${OVERRIDES[@]}"
+    "${LAUNCH[@]}" imagelm.mid_train -- --preset=gpu --run="$RUN" --source_run="$RUN" --data="$DATA"
+    "${LAUNCH[@]}" imagelm.chat_sft -- --preset=gpu --run="$RUN" --source_run="$RUN" --data="$DATA"
+    "${LAUNCH[@]}" imagelm.chat_eval -- --stage=sft --run="$RUN" --examples=500
 else
-    python -m imagelm.base_train --preset=cpu --run="$RUN" --data="${DATA:-embedded}" "${OVERRIDES[@]}"
+    python -m imagelm.base_train --preset=cpu --run="$RUN" --data="${DATA:-embedded}" --time_budget="${BASE_MINUTES:-10}" "${OVERRIDES[@]}"
+    python -m imagelm.mid_train --preset=cpu --run="$RUN" --source_run="$RUN" --time_budget="${MID_MINUTES:-5}"
+    python -m imagelm.chat_sft --preset=cpu --run="$RUN" --source_run="$RUN" --time_budget="${SFT_MINUTES:-3}"
+    python -m imagelm.chat_eval --stage=sft --run="$RUN" --examples=200
 fi
-echo "== done: report at $IMAGELM_BASE_DIR/report.md"
+echo "== done: checkpoints in $IMAGELM_BASE_DIR/checkpoints/{base,mid,sft}/$RUN, report at $IMAGELM_BASE_DIR/report.md"
+echo "== chat with it in Python:"
+echo "   from imagelm.checkpoints import load_model; from imagelm.engine import Engine; from imagelm.conversation import generate_reply"
+echo "   model, _ = load_model('sft', '$RUN'); print(generate_reply(Engine(model), [{'role': 'user', 'content': 'Who are you?'}]))"
 cat "$IMAGELM_BASE_DIR/report.md"
