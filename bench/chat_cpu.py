@@ -7,7 +7,7 @@ reading_exact_le16, addition_2digit and colour_naming (fractions), val_bpb and u
 and minutes_total, and whether each floor was met.
 
     python bench/chat_cpu.py
-    python bench/chat_cpu.py --base_minutes 10 --mid_minutes 5 --sft_minutes 3
+    python bench/chat_cpu.py --base_minutes 3 --mid_minutes 11 --sft_minutes 4
 """
 import argparse, json, os, subprocess, tempfile, time
 from pathlib import Path
@@ -22,9 +22,9 @@ FLOORS = {'reading_exact_le16': 0.90, 'addition_2digit': 0.80, 'colour_naming': 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--base_minutes', type=float, default=10, help='base training budget (default 10)')
-    parser.add_argument('--mid_minutes', type=float, default=5, help='midtraining budget (default 5)')
-    parser.add_argument('--sft_minutes', type=float, default=3, help='fine-tuning budget (default 3)')
+    parser.add_argument('--base_minutes', type=float, default=3, help='base training budget (default 3)')
+    parser.add_argument('--mid_minutes', type=float, default=11, help='midtraining budget (default 11)')
+    parser.add_argument('--sft_minutes', type=float, default=4, help='fine-tuning budget (default 4)')
     parser.add_argument('--out', default=str(RESULTS / 'chat_cpu.json'), help='JSON to write; the log goes beside it')
     args = parser.parse_args()
     base, run = tempfile.mkdtemp(), 'chat_cpu'
@@ -51,7 +51,7 @@ def main():
     save_result(result, args.out, args, 'cpu')
     print(json.dumps({k: result[k] for k in ('reading_exact_le16', 'addition_2digit', 'colour_naming', 'val_bpb', 'unigram_bpb',
                                              'minutes_total', 'met')}, indent=1))
-    print(f'wrote {args.out}')
+    print(f'wrote {args.out}; the run is in {base} (RL from it: python bench/chat_rl_cpu.py --base_dir {base})')
 
 
 if __name__ == '__main__':

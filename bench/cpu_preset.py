@@ -1,15 +1,15 @@
-"""The CPU preset of speedrun.sh: throughput, MFU, the loader's share of step time, and val bits per byte after a time
-budget.
+"""The CPU preset of base training (`python -m imagelm.base_train --preset=cpu`, the base stage of speedrun.sh on a CPU):
+throughput, MFU, the loader's share of step time, and val bits per byte after a time budget.
 
-For each budget, runs `bash speedrun.sh` (which trains `python -m imagelm.base_train --preset=cpu`) with MINUTES=<m>
-in a fresh base folder, keeps its output as cpu_preset_<m>min.log beside --out, and reads the figures from the run's
-final checkpoint: the step records and val bpb curve of its `meta.json`, and greedy samples of the trained model.
+For each budget, runs the preset with `--time_budget=<m>` in a fresh base folder, keeps its output as
+cpu_preset_<m>min.log beside --out, and reads the figures from the run's final checkpoint: the step records and val
+bpb curve of its `meta.json`, and greedy samples of the trained model.
 Throughput figures are medians over the logged steps after the first (which builds the atlas and warms up). Writes
 bench/results/cpu_preset.json.
 
     python bench/cpu_preset.py --minutes 5 15
 """
-import argparse, json, os, statistics, subprocess, tempfile
+import argparse, json, os, statistics, subprocess, sys, tempfile
 from pathlib import Path
 
 import torch
@@ -20,7 +20,6 @@ from imagelm.train import checkpoint_dir, latest_checkpoint
 
 from harness import RESULTS, save_result
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def summarise(ckpt: Path) -> dict:
@@ -46,8 +45,9 @@ def main():
     runs = {}
     for minutes in args.minutes:
         base, name = tempfile.mkdtemp(), f'cpu_preset_{minutes:g}min'
-        env = {**os.environ, 'IMAGELM_BASE_DIR': base, 'RUN': name, 'MINUTES': str(minutes)}
-        out = subprocess.run(['bash', str(ROOT / 'speedrun.sh')], env=env, capture_output=True, text=True, check=True)
+        env = {**os.environ, 'IMAGELM_BASE_DIR': base}
+        out = subprocess.run([sys.executable, '-m', 'imagelm.base_train', '--preset=cpu', f'--run={name}', f'--time_budget={minutes}'],
+                             env=env, capture_output=True, text=True, check=True)
         Path(args.out).with_name(f'{name}.log').write_text(out.stdout)
         os.environ['IMAGELM_BASE_DIR'] = base
         runs[name] = r = summarise(latest_checkpoint(checkpoint_dir(name)))

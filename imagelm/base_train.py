@@ -211,18 +211,22 @@ def step_once(run: Run, step: int) -> dict:
             books['chars'] += loader.last['chars']; books['positions'] += loader.last['positions']
             yield batch
     out = train_step(run.model, run.optimizers, micro_batches(), run.grad_accum, run.autocast, bool(run.args.fused), run.forward)
-    loss, flops, chars, positions = all_reduce_sum([out['loss'], out['flops'], books['chars'], books['positions']], run.proc.device)
+    rewards = [loader.last['reward'] for loader in run.loaders if 'reward' in loader.last]   # loaders of RL score their samples
+    loss, flops, chars, positions, *reward = all_reduce_sum([out['loss'], out['flops'], books['chars'], books['positions'],
+                                                             *([sum(rewards), len(rewards)] if rewards else [])], run.proc.device)
     if run.proc.device.startswith('cuda'): torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     run.trained_s += seconds
-    return dict(step=step, loss=loss / run.proc.world_size, lrm=lrm, positions_per_s=positions / seconds, chars_per_s=chars / seconds,
-                mfu=mfu(flops, seconds, run.proc.device, run.proc.world_size), loader_share=books['wait_s'] / seconds, ms=1000 * seconds)
+    record = dict(step=step, loss=loss / run.proc.world_size, lrm=lrm, positions_per_s=positions / seconds, chars_per_s=chars / seconds,
+                  mfu=mfu(flops, seconds, run.proc.device, run.proc.world_size), loader_share=books['wait_s'] / seconds, ms=1000 * seconds)
+    return record | ({'reward': reward[0] / reward[1]} if reward else {})
 
 def step_line(record: dict, num_iterations: int) -> str:
     "The one line a step prints."
     r = record
     return (f"step {r['step']:05d}/{num_iterations:05d} | loss {r['loss']:.4f} | lrm {r['lrm']:.2f} | {r['positions_per_s']:,.0f} pos/s | "
-            f"{r['chars_per_s']:,.0f} chars/s | mfu {100 * r['mfu']:.1f}% | loader {100 * r['loader_share']:.1f}% | {r['ms']:.0f} ms")
+            f"{r['chars_per_s']:,.0f} chars/s | mfu {100 * r['mfu']:.1f}% | loader {100 * r['loader_share']:.1f}% | {r['ms']:.0f} ms"
+            + (f" | reward {r['reward']:.3f}" if 'reward' in r else ''))
 
 # %% ../nbs/09_base_train.ipynb #73705100
 def evaluate(run: Run) -> float:
@@ -275,7 +279,7 @@ STAGE_TITLES = {'base': 'Base training', 'mid': 'Midtraining', 'sft': 'Supervise
 def finish(run: Run, last_step: int) -> dict:
     "Close the loaders; rank 0 draws the curves and appends the report. The run's figures."
     for loader in run.loaders: loader.close()
-    val = run.history['val_bpb']
+    val, rewards = run.history['val_bpb'], [r['reward'] for r in run.history['log'] if 'reward' in r]
     figures = {'steps': last_step + 1, 'final_val_bpb': val[-1][1] if val else None, 'parameters': run.n_params,
                'minutes': run.trained_s / 60}
     if run.proc.master and last_step >= run.start_step:
@@ -284,6 +288,8 @@ def finish(run: Run, last_step: int) -> dict:
             f'- run: {run.args.run}, depth {run.cfg.depth}, {run.n_params:,} parameters, k={run.cfg.render.chars_per_patch}',
             f'- steps: {last_step + 1} of {run.num_iterations}, {run.positions_per_step:,} positions each, {run.trained_s / 60:.1f} min',
             f"- final val bits per byte: {figures['final_val_bpb']:.4f}" if val else '- no evaluation',
+            *([f'- mean reward of sampled replies: {rewards[0]:.3f} at the first logged step, {rewards[-1]:.3f} at the last']
+              if rewards else []),
             f'- curves: {png}'])
         run.log(f'done: {json.dumps(figures)} | curves {png}')
     return figures

@@ -74,3 +74,29 @@ def test_a_stage_with_nothing_to_start_from_says_what_to_run(tmp_path):
     out = subprocess.run([sys.executable, '-m', 'imagelm.chat_sft', '--run=x', '--num_iterations=1'], env=env(tmp_path),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and 'python -m imagelm.mid_train --run=<name>' in out.stderr
+
+
+RL = ['--mix=arithmetic=1', '--num_samples=4', '--max_tokens=8', '--device_batch_size=2', '--prefetch=0']
+
+
+def test_rl_from_sft_logs_rewards_and_resumes_to_the_same_losses(based):
+    run(based, 'mid_train', '--run=tiny', '--num_iterations=2', *TINY)
+    run(based, 'chat_sft', '--run=tiny', '--num_iterations=2', *TINY)
+    common = ['--source_run=tiny', '--num_iterations=6', '--save_every=2', *TINY, *RL]
+    out = run(based, 'chat_rl', '--run=rl_reference', *common)
+    assert 'Reinforcement learning of ImageLM' in out.stdout and out.stdout.count('| reward ') == 6
+    meta = json.loads(sorted((based / 'checkpoints' / 'rl' / 'rl_reference').glob('step_*'))[-1].joinpath('meta.json').read_text())
+    assert meta['args']['source'].rstrip('/').split('/')[-3:-1] == ['sft', 'tiny'] and meta['args']['num_samples'] == 4
+    assert [r['step'] for r in meta['history']['log']] == list(range(6)) and all(0 <= r['reward'] <= 1 for r in meta['history']['log'])
+    killed = subprocess.run([sys.executable, '-m', 'imagelm.chat_rl', '--run=rl_killed', *common], capture_output=True, text=True,
+                            env={**env(based), 'IMAGELM_KILL_IN_SAVE': '4'}, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run(based, 'chat_rl', '--run=rl_killed', '--resume=1', *common)
+    assert 'step_000002' in resumed.stdout
+    assert losses(based, 'rl', 'rl_killed') == losses(based, 'rl', 'rl_reference')
+
+
+def test_rl_refuses_a_group_of_one(tmp_path):
+    out = subprocess.run([sys.executable, '-m', 'imagelm.chat_rl', '--run=x', '--num_iterations=1', *TINY, *RL,
+                          '--num_samples=1'], env=env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and 'argument --num_samples: must be >= 2: an advantage needs a group' in out.stderr
