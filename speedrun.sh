@@ -51,7 +51,7 @@ else
 fi
 if [ "${RL:-0}" = 1 ]; then STAGE=rl; else STAGE=sft; fi
 echo "== done: checkpoints in $IMAGELM_BASE_DIR/checkpoints/<stage>/$RUN (base, mid, sft and rl with RL=1), report at $IMAGELM_BASE_DIR/report.md"
-echo "== chat with it in Python:"
-echo "   from imagelm.checkpoints import load_model; from imagelm.engine import Engine; from imagelm.conversation import generate_reply"
-echo "   model, _ = load_model('$STAGE', '$RUN'); print(generate_reply(Engine(model), [{'role': 'user', 'content': 'Who are you?'}]))"
+echo "== chat with it:  python -m imagelm.chat_cli --stage=$STAGE --run=$RUN"
+echo "   or in Python:    from imagelm.checkpoints import load_model; from imagelm.engine import Engine; from imagelm.conversation import generate_reply"
+echo "                    model, _ = load_model('$STAGE', '$RUN'); print(generate_reply(Engine(model), [{'role': 'user', 'content': 'Who are you?'}]))"
 cat "$IMAGELM_BASE_DIR/report.md"

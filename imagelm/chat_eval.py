@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from fastcore.imports import IN_NOTEBOOK
 
-from .checkpoints import load_model
+from .checkpoints import add_checkpoint_flags, load_model
 from .common import get_base_dir, save_json
 from .conversation import conversation_segments, generate_reply
 from .corpus import load_embedded_corpus
@@ -162,9 +162,7 @@ def report_lines(measured: dict) -> list:
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m imagelm.chat_eval', description='Measure an ImageLM chat model on held-out examples.')
     a = p.add_argument
-    a('--stage', default='sft', choices=['base', 'mid', 'sft', 'rl'], help='the stage of the checkpoint to measure')
-    a('--run', default=None, help='its run (default: the run of that stage saved last)')
-    a('--step', type=int, default=None, help='its step (default: the latest)')
+    add_checkpoint_flags(p)
     a('--evals', default=','.join(EVALS), help=f'comma-separated evals to run, of {", ".join(EVALS)}')
     a('--examples', type=int, default=200, help='held-out examples per eval')
     a('--val_batches', type=int, default=8, help='pretraining val batches for val bits per byte (0: skip)')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/21_chat_rl.ipynb #b8758678
 from __future__ import annotations
-import argparse, sys
+import sys
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -13,6 +13,7 @@ from fastcore.imports import IN_NOTEBOOK
 
 from .chat_data import conversation_chars
 from .chat_train import run_stage
+from .common import bounded
 from .conversation import conversation_segments
 from .dataloader import hash_key
 from .engine import TOOL_OUTPUT_END, TOOL_OUTPUT_START, Engine
@@ -21,7 +22,7 @@ from .tasks import TaskMixture
 
 # %% auto #0
 __all__ = ['group_advantages', 'chosen_mask', 'untrained', 'PolicyBatch', 'RolloutLoader', 'rollout', 'next_policy_batch',
-           'policy_gradient_loss', 'int_at_least', 'add_rl_flags', 'rollout_loaders', 'main']
+           'policy_gradient_loss', 'add_rl_flags', 'rollout_loaders', 'main']
 
 # %% ../nbs/21_chat_rl.ipynb #96694aba
 def group_advantages(rewards: np.ndarray) -> np.ndarray:
@@ -113,19 +114,10 @@ def policy_gradient_loss(forward, batch: PolicyBatch, fused: bool = True) -> tor
     return (batch.advantages * forward(batch, fused=fused, reduction='none')).mean()
 
 # %% ../nbs/21_chat_rl.ipynb #9ea81a49
-def int_at_least(low: int, why: str = ''):
-    "An argparse type: an int >= `low`, or an error that says so (and `why`)."
-    def parse(text: str) -> int:
-        try: value = int(text)
-        except ValueError: raise argparse.ArgumentTypeError(f"must be an int, got {text!r}") from None
-        if value < low: raise argparse.ArgumentTypeError(f"must be >= {low}{why}, got {value}")
-        return value
-    return parse
-
 def add_rl_flags(a):
-    a('--num_samples', type=int_at_least(2, ': an advantage needs a group to compare with'), default=8,
+    a('--num_samples', type=bounded(int, 2, why=': an advantage needs a group to compare with'), default=8,
       help='replies sampled per prompt: the group each reply is compared with')
-    a('--max_tokens', type=int_at_least(1), default=64, help='most bytes of a sampled reply')
+    a('--max_tokens', type=bounded(int, 1), default=64, help='most bytes of a sampled reply')
     a('--temperature', type=float, default=1.0, help='sampling temperature of the replies')
     a('--top_k', type=int, default=None, help='sample from the k most likely bytes (default: all)')
 

@@ -15,7 +15,7 @@ from .render import RenderConfig
 from .train import STAGES, autodetect_device, checkpoint_dir, latest_checkpoint
 
 # %% auto #0
-__all__ = ['STAGE_COMMANDS', 'WEIGHT_FIELDS', 'find_checkpoint', 'checkpoint_config', 'load_model']
+__all__ = ['STAGE_COMMANDS', 'WEIGHT_FIELDS', 'find_checkpoint', 'checkpoint_config', 'load_model', 'add_checkpoint_flags']
 
 # %% ../nbs/11_checkpoints.ipynb #11088dc1
 STAGE_COMMANDS = {'base': 'python -m imagelm.base_train', 'mid': 'python -m imagelm.mid_train',
@@ -84,3 +84,10 @@ def load_model(stage: str = 'sft', run: str | None = None, step: int | None = No
                              f"for its model_config; the weights and the config do not belong together")
     model.load_state_dict(weights)
     return model.to(device).eval(), {**meta, 'path': str(path), 'stage': stage}
+
+# %% ../nbs/11_checkpoints.ipynb #8e7da0d2
+def add_checkpoint_flags(parser, stage: str = 'sft') -> None:
+    "Add `--stage`, `--run` and `--step`, which pick the checkpoint `load_model` loads."
+    parser.add_argument('--stage', default=stage, choices=list(STAGES), help=f'the stage of the checkpoint (default {stage})')
+    parser.add_argument('--run', default=None, help='its run (default: the run of that stage saved last)')
+    parser.add_argument('--step', type=int, default=None, help='its step (default: the latest)')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_common.ipynb #33d364e3
 from __future__ import annotations
-import json, os, tempfile
+import argparse, json, os, tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 # %% auto #0
 __all__ = ['AUTOCAST_DTYPES', 'get_base_dir', 'round_up', 'atomic_write', 'save_json', 'autocast_dtype', 'autocast_for',
-           'all_reduce_sum']
+           'all_reduce_sum', 'bounded']
 
 # %% ../nbs/00_common.ipynb #866cf07a
 def get_base_dir() -> Path:
@@ -70,3 +70,15 @@ def all_reduce_sum(values: list, device='cpu') -> list:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized(): dist.all_reduce(t)
     return t.tolist()
+
+# %% ../nbs/00_common.ipynb #7eddf1ac
+def bounded(kind: type, low, high=None, why: str = ''):
+    "An argparse type: a `kind` (int or float) in [low, high] (no upper bound when `high` is None), or an error naming the range."
+    def parse(text: str):
+        try: value = kind(text)
+        except ValueError: raise argparse.ArgumentTypeError(f"must be {'an int' if kind is int else 'a number'}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}{why}, got {value}")
+        return value
+    return parse

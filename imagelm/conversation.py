@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_conversation.ipynb #083fb9f6
 from __future__ import annotations
-import io
+import codecs, io
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +13,11 @@ from PIL import Image, UnidentifiedImageError
 from .engine import Engine
 from .model import ModelConfig
 from .render import Picture
-from .segments import Bytes, Pixels, count_positions, special
+from .segments import N_BYTES, SPECIAL_TOKENS, Bytes, Pixels, count_positions, special
 
 # %% auto #0
 __all__ = ['ROLES', 'PART_TYPES', 'PICTURE_PATCHES', 'normalize', 'read_picture', 'conversation_segments',
-           'conversation_positions', 'fit_conversation', 'generate_reply']
+           'conversation_positions', 'fit_conversation', 'generate_reply', 'stream_reply']
 
 # %% ../nbs/12_conversation.ipynb #30937cd4
 ROLES = ('system', 'user', 'assistant')
@@ -128,3 +128,16 @@ def generate_reply(engine: Engine, messages: list, max_tokens: int = 256, temper
     prompt = conversation_segments(messages, reply=True)
     return engine.generate_text(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed,
                                 calculator=calculator)[0]
+
+# %% ../nbs/12_conversation.ipynb #341a3724
+def stream_reply(engine: Engine, messages: list, max_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
+                 seed: int | None = None, calculator: bool = True):
+    "Yield the text of the model's next reply to `messages` as it is written: whole characters, special tokens by name."
+    decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+    for ids in engine.stream(conversation_segments(messages, reply=True), max_tokens=max_tokens, temperature=temperature,
+                             top_k=top_k, seed=seed, calculator=calculator):
+        t = ids[0]
+        if t is None or engine.finish_reasons[0] == 'stop': break
+        text = decoder.decode(bytes([t])) if t < N_BYTES else decoder.decode(b'', final=True) + SPECIAL_TOKENS[t - N_BYTES]
+        if text: yield text
+    if tail := decoder.decode(b'', final=True): yield tail
