@@ -92,6 +92,7 @@ class Attention(nn.Module):
         self.q = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=False)
         self.kv = nn.Linear(cfg.d_model, 2 * cfg.n_kv_head * hd, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.capture = None   # a list: the debug path, which computes the weights explicitly and appends them here
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
@@ -102,7 +103,12 @@ class Attention(nn.Module):
         if cache is not None: k, v = cache.write(self.layer, k, v)
         group = c.n_head // c.n_kv_head
         if group > 1: k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-        if isinstance(mask, torch.Tensor):
+        if self.capture is not None:
+            if not isinstance(mask, torch.Tensor): raise ValueError("capturing attention weights needs the dense mask (attention='sdpa')")
+            weights = (q @ k.transpose(-2, -1) * c.head_dim ** -0.5).masked_fill(~mask, float('-inf')).softmax(-1)
+            self.capture.append(weights.detach())
+            y = weights @ v
+        elif isinstance(mask, torch.Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             from torch.nn.attention.flex_attention import flex_attention
