@@ -49,8 +49,9 @@ def downloaded(hub, tmp_path_factory):
     out = subprocess.run([sys.executable, '-m', 'imagelm.chat_datasets', '--workers', '3'], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.splitlines()) == sum(len(d.files) for d in DATASETS.values())
-    os.environ['IMAGELM_BASE_DIR'] = str(base)
-    return base
+    with pytest.MonkeyPatch.context() as patch:     # the tasks read from this base folder, for this module's tests only
+        patch.setenv('IMAGELM_BASE_DIR', str(base))
+        yield base
 
 
 @pytest.mark.slow
