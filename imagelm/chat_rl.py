@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from fastcore.imports import IN_NOTEBOOK
 
 from .chat_data import conversation_chars
@@ -21,8 +22,8 @@ from .segments import IGNORE_INDEX, Bytes, SegmentBatch, count_positions, decode
 from .tasks import TaskMixture
 
 # %% auto #0
-__all__ = ['group_advantages', 'chosen_mask', 'untrained', 'PolicyBatch', 'RolloutLoader', 'rollout', 'next_policy_batch',
-           'policy_gradient_loss', 'add_rl_flags', 'rollout_loaders', 'main']
+__all__ = ['group_advantages', 'chosen_mask', 'untrained', 'PolicyBatch', 'RolloutLoader', 'rollout', 'policy_gradient_loss',
+           'add_rl_flags', 'rollout_loaders', 'main']
 
 # %% ../nbs/21_chat_rl.ipynb #96694aba
 def group_advantages(rewards: np.ndarray) -> np.ndarray:
@@ -75,12 +76,11 @@ class RolloutLoader:
                 f"{self.max_tokens} bytes, rank {self.rank}/{self.world_size}, next entry {self.next_entry})")
 
 # %% ../nbs/21_chat_rl.ipynb #7e667aa7
-def rollout(loader: RolloutLoader, entry: int) -> tuple:
-    "`(sequences, rewards, characters)` of the replies sampled to mixture entry `entry`: one training sequence each."
+def rollout(loader: RolloutLoader, engine: Engine, entry: int) -> tuple:
+    "`(sequences, rewards, characters)` of the replies `engine` samples to mixture entry `entry`: one training sequence each."
     task_index, index = loader.mixture.entry(entry)
     task, example = loader.mixture.tasks[task_index], loader.mixture.tasks[task_index][index]
     prompt = conversation_segments(example['messages'][:-1], reply=True)
-    engine = Engine(loader.model)
     replies = engine.generate(prompt, num_samples=loader.num_samples, max_tokens=loader.max_tokens, temperature=loader.temperature,
                               top_k=loader.top_k, seed=hash_key(loader.mixture.seed, entry, 2) % 2**63, calculator=True)
     texts = [decode(ids[:-1] if why == 'stop' else ids) for ids, why in zip(replies, engine.finish_reasons)]
@@ -88,12 +88,14 @@ def rollout(loader: RolloutLoader, entry: int) -> tuple:
     chars = loader.num_samples * conversation_chars(example['messages'][:-1]) + sum(len(t) for t in texts)
     return sequences, [float(task.evaluate(example, text)) for text in texts], chars
 
+@patch
 @torch.no_grad()
-def next_policy_batch(loader: RolloutLoader) -> PolicyBatch:
+def __next__(loader: RolloutLoader) -> PolicyBatch:
     "Sample, score and pack the next `batch_prompts` prompts of the loader's rank."
     cfg, was_training = loader.model.cfg, loader.model.training
     loader.model.eval()
-    try: rollouts = [rollout(loader, loader.next_entry + p * loader.world_size) for p in range(loader.batch_prompts)]
+    engine = Engine(loader.model)
+    try: rollouts = [rollout(loader, engine, loader.next_entry + p * loader.world_size) for p in range(loader.batch_prompts)]
     finally: loader.model.train(was_training)
     loader.next_entry += loader.batch_prompts * loader.world_size
     sequences = [s for seqs, _, _ in rollouts for s in seqs]
@@ -105,8 +107,6 @@ def next_policy_batch(loader: RolloutLoader) -> PolicyBatch:
     loader.last = dict(positions=sum(count_positions(sequences, cfg.render, cfg.skip_blank)), chars=sum(c for *_, c in rollouts),
                        reward=float(rewards.mean()))
     return PolicyBatch(**{f.name: getattr(batch, f.name) for f in fields(SegmentBatch)}, advantages=advantages)
-
-RolloutLoader.__next__ = next_policy_batch
 
 # %% ../nbs/21_chat_rl.ipynb #0ec0e1b8
 def policy_gradient_loss(forward, batch: PolicyBatch, fused: bool = True) -> torch.Tensor:
