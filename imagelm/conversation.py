@@ -12,11 +12,11 @@ from PIL import Image, UnidentifiedImageError
 
 from .engine import Engine
 from .model import ModelConfig
-from .render import Picture
+from .render import Picture, RenderConfig, render_page, to_image
 from .segments import N_BYTES, SPECIAL_TOKENS, Bytes, Pixels, count_positions, special
 
 # %% auto #0
-__all__ = ['ROLES', 'PART_TYPES', 'PICTURE_PATCHES', 'normalize', 'read_picture', 'conversation_segments',
+__all__ = ['ROLES', 'PART_TYPES', 'PICTURE_PATCHES', 'normalize', 'read_picture', 'conversation_segments', 'message_pages',
            'conversation_positions', 'fit_conversation', 'generate_reply', 'stream_reply']
 
 # %% ../nbs/12_conversation.ipynb #30937cd4
@@ -99,6 +99,12 @@ def conversation_segments(messages: list, reply: bool = False) -> list:
                      Bytes([special(f'<|{role}_end|>')], train=False)]
     if reply: segments.append(Bytes([special('<|assistant_start|>')], train=False))
     return segments
+
+# %% ../nbs/12_conversation.ipynb #a80d1fe6
+def message_pages(messages: list, cfg: RenderConfig = RenderConfig()) -> list:
+    "The page of each system and user message of `messages`, rendered with `cfg`, as PIL images (black ink on white)."
+    segments = conversation_segments(messages)
+    return [to_image(render_page(s.content, cfg)[0]) for s in segments if isinstance(s, Pixels)]
 
 # %% ../nbs/12_conversation.ipynb #6439a485
 def conversation_positions(messages: list, cfg: ModelConfig, reply: bool = True) -> int:

@@ -11,6 +11,14 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 python -m pip install --quiet -e ".[dev]"
 
+# The browser tests drive Debian's Chromium through Playwright; Playwright's own browser downloads are never used.
+if ! command -v chromium >/dev/null 2>&1; then
+    echo "== installing Debian's chromium for the browser tests"
+    as_root=""; [ "$(id -u)" -ne 0 ] && as_root="sudo"
+    $as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq chromium >/dev/null
+fi
+
 echo "== export check: nbdev_export must leave imagelm/ as committed"
 nbdev_export
 if [ -n "$(git status --porcelain -- imagelm)" ]; then

@@ -5,6 +5,8 @@ import os, select, signal, subprocess, sys, time
 import pytest
 from PIL import Image
 
+from tiny import env, tiny_checkpoint
+
 pytestmark = pytest.mark.slow   # every test here runs the CLI in a subprocess
 
 
@@ -12,15 +14,8 @@ pytestmark = pytest.mark.slow   # every test here runs the CLI in a subprocess
 def base(tmp_path_factory):
     "A base folder with a 2-step checkpoint whose context (2,048 positions) leaves room for a long reply."
     folder = tmp_path_factory.mktemp('cli')
-    out = subprocess.run([sys.executable, '-m', 'imagelm.base_train', '--run=tiny', '--depth=1', '--num_iterations=2', '--max_seq_len=2048',
-                          '--pixel_chars=96', '--byte_chars=48', '--device_batch_size=1', '--eval_batches=1', '--sample_every=0'],
-                         env=env(folder), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    tiny_checkpoint(folder)
     return folder
-
-
-def env(folder) -> dict:
-    return {**os.environ, 'IMAGELM_BASE_DIR': str(folder), 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
 
 
 def cli(folder, *args, stdin=None, timeout=120) -> subprocess.CompletedProcess:
