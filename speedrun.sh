@@ -52,6 +52,8 @@ fi
 if [ "${RL:-0}" = 1 ]; then STAGE=rl; else STAGE=sft; fi
 echo "== done: checkpoints in $IMAGELM_BASE_DIR/checkpoints/<stage>/$RUN (base, mid, sft and rl with RL=1), report at $IMAGELM_BASE_DIR/report.md"
 echo "== chat with it:  python -m imagelm.chat_cli --stage=$STAGE --run=$RUN"
+echo "   in a browser:    python -m imagelm.chat_web --stage=$STAGE --run=$RUN    (then open http://127.0.0.1:8000)"
+echo "   in a notebook:   nbs/lessons/06_chat_and_look_inside.ipynb (the chat widget and the attention maps)"
 echo "   or in Python:    from imagelm.checkpoints import load_model; from imagelm.engine import Engine; from imagelm.conversation import generate_reply"
 echo "                    model, _ = load_model('$STAGE', '$RUN'); print(generate_reply(Engine(model), [{'role': 'user', 'content': 'Who are you?'}]))"
 cat "$IMAGELM_BASE_DIR/report.md"
