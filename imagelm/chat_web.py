@@ -4,7 +4,7 @@
 
 # %% ../nbs/25_chat_web.ipynb #00416046
 from __future__ import annotations
-import argparse, asyncio, base64, binascii, io, json, sys, threading, time, uuid
+import argparse, asyncio, base64, binascii, io, json, queue, sys, threading, time, uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -12,6 +12,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastcore.basics import patch
 from fastcore.imports import IN_NOTEBOOK
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
@@ -20,15 +21,16 @@ from starlette.exceptions import HTTPException
 from . import __version__
 from .checkpoints import add_checkpoint_flags, load_model
 from .common import bounded
-from .conversation import conversation_positions, conversation_segments, fit_conversation, message_pages, read_picture, stream_reply
-from .engine import Engine
+from .conversation import ReplyText, conversation_segments, fit_conversation, message_pages, read_picture
+from .engine import BatchDecoder
+from .model import ImageLM
 from .train import autodetect_device
 
 # %% auto #0
 __all__ = ['ROLE_NAMES', 'UNSUPPORTED', 'PAGE', 'Limits', 'ApiError', 'decode_data_url', 'request_picture', 'parse_messages',
-           'ChatRequest', 'parse_request', 'WorkerPool', 'ReplyRun', 'completion_chunk', 'completion', 'usage', 'sse',
-           'Stats', 'request_schema', 'read_json', 'png_data_url', 'make_app', 'BackgroundServer', 'make_parser',
-           'worker_models', 'main']
+           'ChatRequest', 'parse_request', 'Worker', 'WorkerPool', 'ReplyRun', 'completion_chunk', 'completion',
+           'usage', 'sse', 'Stats', 'request_schema', 'read_json', 'png_data_url', 'make_app', 'BackgroundServer',
+           'make_parser', 'worker_models', 'main']
 
 # %% ../nbs/25_chat_web.ipynb #529d18ae
 @dataclass(frozen=True)
@@ -186,70 +188,145 @@ def parse_request(body, model_id: str, limits: Limits = Limits(), defaults: dict
                        truncate=_flag(body, 'truncate'))
 
 # %% ../nbs/25_chat_web.ipynb #6518c746
-class WorkerPool:
-    "Engines behind an async queue: a request takes a free one, or waits at most `timeout` s behind at most `max_waiting` others."
-    def __init__(self, models: list, timeout: float = 30.0, max_waiting: int = 64):
-        if not models: raise ValueError("a worker pool needs at least one model")
-        self.engines, self.timeout, self.max_waiting, self.waiting = [Engine(m) for m in models], timeout, max_waiting, 0
-        self._loop, self._idle = None, None
+class Worker:
+    "One model in one thread: a `BatchDecoder` that writes up to `max_batch` replies at once, one forward pass per step."
+    def __init__(self, model: ImageLM, max_batch: int = 8):
+        self.model, self.max_batch, self.decoder = model, max_batch, BatchDecoder(model)
+        self.inbox, self.runs, self.thread = queue.SimpleQueue(), {}, None   # replies to admit; those in the batch, by row
+        self.taken = 0                                    # slots handed out, counted in the server's event loop
+        self.steps = self.decoded = self.largest_batch = 0   # decode steps, the ids they wrote, the most replies in one
 
-    def _queue(self) -> asyncio.Queue:
-        if self._idle is None:   # made in the server's event loop, at its first request
-            self._loop, self._idle = asyncio.get_running_loop(), asyncio.Queue()
-            for engine in self.engines: self._idle.put_nowait(engine)
-        return self._idle
+    def submit(self, run):
+        "Hand a reply to the worker's thread (the first one starts it)."
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._serve, name='imagelm-worker', daemon=True)
+            self.thread.start()
+        self.inbox.put(run)
+
+    def _serve(self):
+        while True:
+            if not self.runs and not self.decoder.rows: self._admit(self.inbox.get())   # nothing to do: wait for a reply
+            while not self.inbox.empty(): self._admit(self.inbox.get())                 # all that came join this step
+            for row, run in list(self.runs.items()):
+                if run.stop.is_set(): self.decoder.remove(row); self._finish(row, 'end', 'length', run.written)
+            self._step()
+
+    def _finish(self, row, *event): self.runs.pop(row)._last(*event)
+
+class WorkerPool:
+    "Workers with `max_batch` reply slots each: a request takes a free slot, or waits `timeout` s behind `max_waiting` others at most."
+    def __init__(self, models: list, timeout: float = 30.0, max_waiting: int = 64, max_batch: int = 8):
+        if not models: raise ValueError("a worker pool needs at least one model")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        self.workers, self.max_batch = [Worker(m, max_batch) for m in models], max_batch
+        self.timeout, self.max_waiting, self.waiting, self._free = timeout, max_waiting, 0, None
 
     @property
-    def idle(self) -> int: return len(self.engines) if self._idle is None else self._idle.qsize()
+    def slots(self) -> int: return len(self.workers) * self.max_batch
 
-    async def acquire(self) -> Engine:
-        "A free engine; a 503 ApiError when the queue is full or the wait runs out."
-        idle, n = self._queue(), len(self.engines)
-        if idle.empty() and self.waiting >= self.max_waiting:
-            raise ApiError(503, f"{self.waiting} requests are already waiting for the {n} workers; try again later", None, 'queue_full')
+    @property
+    def active(self) -> int: return sum(w.taken for w in self.workers)
+
+    @property
+    def idle(self) -> int: return sum(w.taken == 0 for w in self.workers)
+
+    def _queue(self) -> asyncio.Queue:
+        if self._free is None:   # made in the server's event loop, at its first request
+            self._free = asyncio.Queue()
+            for _ in range(self.slots): self._free.put_nowait(None)
+        return self._free
+
+    def _said(self) -> str:
+        n = len(self.workers)
+        return (f'all {self.slots} reply slots' if self.slots > 1 else 'the one reply slot') + \
+               f" ({n} worker{'s' if n > 1 else ''} x {self.max_batch})"
+
+    async def acquire(self) -> Worker:
+        "A slot of the least busy worker; a 503 ApiError when too many wait already, or when the wait runs out."
+        free = self._queue()
+        if free.empty() and self.waiting >= self.max_waiting:
+            raise ApiError(503, f"{self.waiting} requests are already waiting for {self._said()}; try again later", None, 'queue_full')
         self.waiting += 1
-        try: return await asyncio.wait_for(idle.get(), self.timeout)
+        try: await asyncio.wait_for(free.get(), self.timeout)
         except asyncio.TimeoutError:
-            workers = f'all {n} workers' if n > 1 else 'the one worker'
-            raise ApiError(503, f"{workers} stayed busy for {self.timeout:g} s; try again later", None, 'server_busy') from None
+            raise ApiError(503, f"{self._said()} stayed busy for {self.timeout:g} s; try again later", None, 'server_busy') from None
         finally: self.waiting -= 1
+        worker = min(self.workers, key=lambda w: w.taken)
+        worker.taken += 1
+        return worker
 
-    def release(self, engine: Engine) -> None:
-        "Give `engine` back to the pool; safe to call from any thread."
-        try: self._loop.call_soon_threadsafe(self._idle.put_nowait, engine)
-        except RuntimeError: pass   # the server has stopped, and its queue with it
+    def release(self, worker: Worker) -> None:
+        "Give back a slot of `worker`. In the server's event loop."
+        worker.taken -= 1
+        self._free.put_nowait(None)
 
 # %% ../nbs/25_chat_web.ipynb #743bd061
+def _model_error(error: Exception) -> ApiError:
+    return ApiError(500, f"the model failed: {type(error).__name__}: {error}", None, 'model_error')
+
 class ReplyRun:
-    "One reply written by `engine` in its own thread; the server's loop reads its events with `await run.next()`."
-    def __init__(self, pool: WorkerPool, engine: Engine, request: ChatRequest):
-        self.pool, self.engine, self.request, self.stop = pool, engine, request, threading.Event()
-        self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
-        self.thread = threading.Thread(target=self._run, name='imagelm-reply', daemon=True)
-        self.thread.start()
+    "One reply, written in a worker's batch; the server's loop reads its events with `await run.next()`."
+    def __init__(self, pool: WorkerPool, worker: Worker, request: ChatRequest):
+        self.pool, self.worker, self.request, self.stop = pool, worker, request, threading.Event()
+        self.loop, self.events, self.freed = asyncio.get_running_loop(), asyncio.Queue(), False
+        self.text, self.written = ReplyText(), 0   # the worker's: the reply's text decoder, and its bytes so far
+        worker.submit(self)
 
     async def next(self) -> tuple: return await self.events.get()
 
-    def _put(self, *event): self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+    def cancel(self):
+        "The client has gone: its slot is free now, and the reply leaves the batch at the next step. In the server's loop."
+        self.stop.set(); self._free()
 
-    def _run(self):
-        r, engine = self.request, self.engine
-        try:
-            room = min(r.max_tokens, engine.cfg.seq_len // 4) if r.truncate else 1
-            try: messages = fit_conversation(r.messages, engine.cfg, room=room, cut=r.truncate)
-            except ValueError as error: return self._put('error', ApiError(400, str(error), 'messages', 'context_length_exceeded'))
-            self._put('start', conversation_positions(messages, engine.cfg))
-            written, replies = 0, stream_reply(engine, messages, r.max_tokens, r.temperature, r.top_k, r.seed)
-            try:
-                for piece in replies:
-                    if self.stop.is_set(): break
-                    written += len(piece.encode('utf-8'))
-                    self._put('text', piece)
-            finally: replies.close()
-            self._put('end', 'stop' if engine.finish_reasons[0] == 'stop' else 'length', written)
-        except Exception as error:
-            self._put('error', ApiError(500, f"the model failed: {type(error).__name__}: {error}", None, 'model_error'))
-        finally: self.pool.release(self.engine)
+    def _free(self):
+        if not self.freed: self.freed = True; self.pool.release(self.worker)
+
+    def _put(self, *event):
+        try: self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError: pass   # the server has stopped, and its loop with it
+
+    def _text(self, piece: str):
+        if piece: self.written += len(piece.encode('utf-8')); self._put('text', piece)
+
+    def _last(self, *event):
+        "The reply's last event, from the worker: its slot is given back first."
+        try: self.loop.call_soon_threadsafe(self._free)
+        except RuntimeError: return
+        self._put(*event)
+
+@patch
+def _admit(self: Worker, run: ReplyRun):
+    "Fit the reply's conversation to the context and prefill it: it joins the batch at the next step."
+    r, cfg = run.request, self.model.cfg
+    if run.stop.is_set(): return run._last('end', 'length', 0)   # its client left while it waited
+    try:
+        room = min(r.max_tokens, cfg.seq_len // 4) if r.truncate else 1
+        try: messages = fit_conversation(r.messages, cfg, room=room, cut=r.truncate)
+        except ValueError as error: return run._last('error', ApiError(400, str(error), 'messages', 'context_length_exceeded'))
+        row = self.decoder.add(conversation_segments(messages, reply=True), r.max_tokens, r.temperature, r.top_k, r.seed,
+                               calculator=True)
+    except Exception as error: return run._last('error', _model_error(error))
+    self.runs[row] = run
+    run._put('start', row.positions)
+
+@patch
+def _step(self: Worker):
+    "One decode step of the whole batch; each reply's new id becomes its text, or its end."
+    try: written = self.decoder.step()
+    except Exception as error:   # the batch is lost: each of its replies ends with the error
+        self.decoder = BatchDecoder(self.model)
+        for row in list(self.runs): self._finish(row, 'error', _model_error(error))
+        return
+    if written: self.steps, self.decoded = self.steps + 1, self.decoded + len(written)
+    self.largest_batch = max(self.largest_batch, len(written))
+    for row, t, reason in written:
+        run = self.runs.get(row)
+        if run is None: continue
+        if reason != 'stop': run._text(run.text.push(t))   # the end token is not text
+        if reason:
+            run._text(run.text.flush())
+            self._finish(row, 'end', 'stop' if reason == 'stop' else 'length', run.written)
 
 # %% ../nbs/25_chat_web.ipynb #d2bee5ab
 def completion_chunk(ident: str, created: int, model: str, delta: dict, finish_reason: str | None = None) -> dict:
@@ -290,10 +367,13 @@ class Stats:
     def snapshot(self, pool: WorkerPool) -> dict:
         times = sorted(self.first_byte_s)
         def pick(q): return round(times[min(len(times) - 1, int(q * len(times)))], 4) if times else None
+        steps, decoded = sum(w.steps for w in pool.workers), sum(w.decoded for w in pool.workers)
         return {'uptime_s': round(time.time() - self.started, 1), 'requests': self.requests, 'completed': self.completed,
                 'disconnected': self.disconnected, 'rejected': dict(self.rejected), 'refused': dict(self.refused),
-                'failed': self.failed, 'bytes_out': self.bytes_out, 'workers': len(pool.engines), 'idle_workers': pool.idle,
-                'waiting': pool.waiting, 'first_byte_p50_s': pick(0.5), 'first_byte_p99_s': pick(0.99)}
+                'failed': self.failed, 'bytes_out': self.bytes_out, 'workers': len(pool.workers), 'idle_workers': pool.idle,
+                'max_batch': pool.max_batch, 'active_replies': pool.active, 'waiting': pool.waiting,
+                'first_byte_p50_s': pick(0.5), 'first_byte_p99_s': pick(0.99), 'decode_steps': steps,
+                'mean_batch': round(decoded / steps, 2) if steps else None, 'largest_batch': max(w.largest_batch for w in pool.workers)}
 
 # %% ../nbs/25_chat_web.ipynb #01cb49e9
 PAGE = r"""<!doctype html>
@@ -516,9 +596,9 @@ def png_data_url(image: Image.Image) -> str:
 
 # %% ../nbs/25_chat_web.ipynb #5ba21b1a
 def make_app(models: list, model_id: str = 'imagelm', limits: Limits = Limits(), defaults: dict | None = None,
-             timeout: float = 30.0, max_waiting: int = 64) -> FastAPI:
-    "The chat server: the page, the OpenAI-compatible API, /health and /stats, over one worker per model in `models`."
-    pool, stats, cfg = WorkerPool(models, timeout, max_waiting), Stats(), models[0].cfg
+             timeout: float = 30.0, max_waiting: int = 64, max_batch: int = 8) -> FastAPI:
+    "The chat server: the page, the OpenAI-compatible API, /health and /stats, over one worker per model in `models`, `max_batch` replies each."
+    pool, stats, cfg = WorkerPool(models, timeout, max_waiting, max_batch), Stats(), models[0].cfg
     app = FastAPI(title='ImageLM chat', version=__version__, docs_url=None, redoc_url=None)
     app.state.pool, app.state.stats = pool, stats
 
@@ -540,7 +620,9 @@ def make_app(models: list, model_id: str = 'imagelm', limits: Limits = Limits(),
     async def page(): return PAGE
 
     @app.get('/health')
-    async def health(): return {'status': 'ok', 'model': model_id, 'workers': len(pool.engines), 'idle_workers': pool.idle}
+    async def health():
+        return {'status': 'ok', 'model': model_id, 'workers': len(pool.workers), 'idle_workers': pool.idle,
+                'active_replies': pool.active, 'max_batch': pool.max_batch}
 
     @app.get('/stats')
     async def server_stats(): return stats.snapshot(pool)
@@ -573,11 +655,11 @@ def make_app(models: list, model_id: str = 'imagelm', limits: Limits = Limits(),
         if not chat.stream:
             async def watch():
                 while not await request.is_disconnected(): await asyncio.sleep(0.2)
-                run.stop.set(); stats.disconnected += 1
+                run.cancel(); stats.disconnected += 1
             watcher, pieces = asyncio.create_task(watch()), []
             try:
                 while (event := await run.next())[0] == 'text': count(event[1], pieces)
-            finally: watcher.cancel(); run.stop.set()
+            finally: watcher.cancel(); run.cancel()
             if event[0] == 'error': raise event[1]
             stats.completed += 1
             return completion(ident, created, model_id, ''.join(pieces), event[1], usage(prompt, event[2]))
@@ -598,7 +680,7 @@ def make_app(models: list, model_id: str = 'imagelm', limits: Limits = Limits(),
                 yield 'data: [DONE]\n\n'
                 finished = True
             finally:
-                run.stop.set()
+                run.cancel()
                 if not finished: stats.disconnected += 1
 
         return StreamingResponse(events(), media_type='text/event-stream', headers={'Cache-Control': 'no-cache', 'X-Accel-Buffering': 'no'})
@@ -635,11 +717,12 @@ def make_parser() -> argparse.ArgumentParser:
     a('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1: this machine only)')
     a('--port', type=bounded(int, 1, 65535), default=8000, help='port (default 8000)')
     a('--num_workers', type=bounded(int, 1, 64), default=None, help='model workers (default: one per GPU, else 1)')
+    a('--max_batch', type=bounded(int, 1, 64), default=8, help='replies each worker writes at once, in one batch (default 8)')
     a('--device', default=None, help='cuda, mps or cpu (default: detected)')
     a('--temperature', type=bounded(float, 0.0, 2.0), default=0.6, help='temperature of requests that give none (default 0.6)')
     a('--top_k', type=bounded(int, 0, 200), default=50, help='top-k of requests that give none; 0 is off (default 50)')
     a('--max_tokens', type=bounded(int, 1, 4096), default=512, help='most bytes of a reply when a request gives none (default 512)')
-    a('--queue_timeout', type=bounded(float, 0.1), default=30.0, help='seconds a request may wait for a worker before a 503 (default 30)')
+    a('--queue_timeout', type=bounded(float, 0.1), default=30.0, help='seconds a request may wait for a reply slot before a 503 (default 30)')
     a('--max_waiting', type=bounded(int, 1), default=64, help='requests that may wait at once; more get a 503 (default 64)')
     a('--model_name', default=None, help='the model id of the API (default imagelm-<stage>)')
     return p
@@ -661,11 +744,12 @@ def main(argv=None) -> int:
         print(f'error: {error}', file=sys.stderr); return 1
     model_id = args.model_name or f'imagelm-{args.stage}'
     defaults = {'temperature': args.temperature, 'top_k': args.top_k, 'max_tokens': args.max_tokens}
-    app = make_app(models, model_id, defaults=defaults, timeout=args.queue_timeout, max_waiting=args.max_waiting)
+    app = make_app(models, model_id, defaults=defaults, timeout=args.queue_timeout, max_waiting=args.max_waiting,
+                   max_batch=args.max_batch)
     if args.host not in ('127.0.0.1', 'localhost', '::1'):
         print(f"warning: listening on {args.host}: anyone who can reach this port can use the model, with no authentication",
               file=sys.stderr)
-    print(f"ImageLM chat on http://{args.host}:{args.port} ({model_id} from {meta['path']}, {len(models)} workers)", flush=True)
+    print(f"ImageLM chat on http://{args.host}:{args.port} ({model_id} from {meta['path']}, {len(models)} workers, {args.max_batch} replies each)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level='info', timeout_graceful_shutdown=3)
     return 0
 

@@ -17,7 +17,7 @@ from .segments import N_BYTES, SPECIAL_TOKENS, Bytes, Pixels, count_positions, s
 
 # %% auto #0
 __all__ = ['ROLES', 'PART_TYPES', 'PICTURE_PATCHES', 'normalize', 'read_picture', 'conversation_segments', 'message_pages',
-           'conversation_positions', 'fit_conversation', 'generate_reply', 'stream_reply']
+           'conversation_positions', 'fit_conversation', 'generate_reply', 'ReplyText', 'stream_reply']
 
 # %% ../nbs/12_conversation.ipynb #30937cd4
 ROLES = ('system', 'user', 'assistant')
@@ -135,15 +135,28 @@ def generate_reply(engine: Engine, messages: list, max_tokens: int = 256, temper
     return engine.generate_text(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed,
                                 calculator=calculator)[0]
 
+# %% ../nbs/12_conversation.ipynb #6fea354e
+class ReplyText:
+    "Reply ids to text, one id at a time: whole UTF-8 characters (invalid bytes replaced), special tokens by name."
+    def __init__(self): self.decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+
+    def push(self, t: int) -> str:
+        "The text that id `t` completes: '' in the middle of a character; a special token ends any character it interrupts."
+        if t < N_BYTES: return self.decoder.decode(bytes([t]))
+        return self.flush() + SPECIAL_TOKENS[t - N_BYTES]
+
+    def flush(self) -> str:
+        "What is left at the end of the reply: a replacement character for an unfinished one, else ''."
+        return self.decoder.decode(b'', final=True)
+
 # %% ../nbs/12_conversation.ipynb #341a3724
 def stream_reply(engine: Engine, messages: list, max_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
                  seed: int | None = None, calculator: bool = True):
     "Yield the text of the model's next reply to `messages` as it is written: whole characters, special tokens by name."
-    decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+    text = ReplyText()
     for ids in engine.stream(conversation_segments(messages, reply=True), max_tokens=max_tokens, temperature=temperature,
                              top_k=top_k, seed=seed, calculator=calculator):
         t = ids[0]
         if t is None or engine.finish_reasons[0] == 'stop': break
-        text = decoder.decode(bytes([t])) if t < N_BYTES else decoder.decode(b'', final=True) + SPECIAL_TOKENS[t - N_BYTES]
-        if text: yield text
-    if tail := decoder.decode(b'', final=True): yield tail
+        if piece := text.push(t): yield piece
+    if tail := text.flush(): yield tail

@@ -18,8 +18,8 @@ from .model import ImageLM, ModelConfig
 # %% auto #0
 __all__ = ['CALC_MAX_CHARS', 'CALC_MAX_DIGITS', 'CALC_MAX_DEPTH', 'CALC_MAX_MAGNITUDE', 'STOP_DEFAULT', 'TOOL_CALL_START',
            'TOOL_CALL_END', 'TOOL_OUTPUT_START', 'TOOL_OUTPUT_END', 'KVCache', 'sample_next', 'CalcError',
-           'calc_tokens', 'format_number', 'evaluate', 'calculate', 'Engine', 'check_sampling', 'naive_logits',
-           'naive_generate']
+           'calc_tokens', 'format_number', 'evaluate', 'calculate', 'Engine', 'check_sampling', 'ReplyRules',
+           'naive_logits', 'naive_generate', 'BatchRow', 'BatchDecoder']
 
 # %% ../nbs/05_engine.ipynb #33ab2ab3
 class KVCache:
@@ -245,11 +245,12 @@ def _forward(self: Engine, x, seg_id, is_pixel, doc_id, pos, grid) -> torch.Tens
     return self.logits
 
 @patch
-def _byte_column(self: Engine, ids: torch.Tensor, valid: torch.Tensor, seg: int):
-    "Inputs and metadata of one byte per row; rows not `valid` (stopped) get a position nobody sees (document -1)."
+def _byte_column(self: Engine, ids: torch.Tensor, valid: torch.Tensor, seg: int | torch.Tensor):
+    "Inputs and metadata of one byte per row, in segment(s) `seg`; rows not `valid` (stopped) get a position nobody sees (document -1)."
     c, B = self.cache, ids.shape[0]
     is_pixel = torch.zeros((B, 1), dtype=torch.bool, device=c.device)
-    meta = dict(seg_id=torch.full((B, 1), seg, dtype=torch.long, device=c.device), is_pixel=is_pixel,
+    seg_id = torch.as_tensor(seg, dtype=torch.long, device=c.device).expand(B)[:, None]
+    meta = dict(seg_id=seg_id, is_pixel=is_pixel,
                 doc_id=torch.where(valid, 0, -1)[:, None], pos=c.next_pos[:, None].clone(),
                 grid=torch.zeros((B, 1, 2), dtype=torch.long, device=c.device))
     c.next_pos += valid.long()
@@ -334,6 +335,41 @@ def check_sampling(max_tokens, temperature, top_k, num_samples=None):
     if num_samples is not None and (not _is_int(num_samples) or num_samples < 1):
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
 
+# %% ../nbs/05_engine.ipynb #d090a92e
+class ReplyRules:
+    "One reply's rules, id by id: a stop id ends it, a calculator call gets its output forced, `max_tokens` ids end it."
+    def __init__(self, max_tokens: int, stop_ids=None, calculator: bool | Callable = False):
+        self.max_tokens, self.stop = max_tokens, set(STOP_DEFAULT if stop_ids is None else stop_ids)
+        self.tool = calculate if calculator is True else (calculator or None)
+        self.forced, self.in_call, self.call = deque(), False, []   # ids to force; inside a tool call; its bytes
+        self.written, self.reason = 0, None                         # ids of the reply so far; why it ended
+
+    @property
+    def done(self) -> bool: return self.reason is not None
+
+    def next(self, sampled: int) -> int:
+        "The reply's next id: the calculator's forced output while there is one, else `sampled`."
+        if self.done: raise ValueError(f"the reply has ended ({self.reason})")
+        if self.forced: t = self.forced.popleft()           # forced ids never stop a reply nor start a call
+        else:
+            t = int(sampled)
+            if t in self.stop: self.reason = 'stop'
+            elif self.tool and self.in_call:
+                if t == TOOL_CALL_END:
+                    self.in_call = False
+                    self.forced.extend([TOOL_OUTPUT_START, *str(self.tool(decode(self.call))).encode(), TOOL_OUTPUT_END])
+                elif len(self.call) <= CALC_MAX_CHARS: self.call.append(t)
+            elif self.tool and t == TOOL_CALL_START: self.in_call, self.call = True, []
+        self.written += 1
+        if self.written == self.max_tokens: self.end('length')
+        return t
+
+    def end(self, reason: str):
+        "End the reply for `reason` ('context', 'interrupted'), unless it has ended already."
+        self.reason = self.reason or reason
+
+    def __repr__(self): return f"ReplyRules({self.written} of {self.max_tokens} ids, {self.reason or 'going on'})"
+
 # %% ../nbs/05_engine.ipynb #e265f066
 @patch
 def stream(self: Engine, segments: list | None = None, max_tokens: int = 256, temperature: float = 1.0,
@@ -341,8 +377,6 @@ def stream(self: Engine, segments: list | None = None, max_tokens: int = 256, te
            calculator: bool | Callable = False, extend: bool = False, sampler: Callable | None = None) -> Iterator[list]:
     "Yield at each step the new byte id of each sample, None once it stopped. A new sequence, unless `extend`."
     check_sampling(max_tokens, temperature, top_k, num_samples)
-    stop = set(STOP_DEFAULT if stop_ids is None else stop_ids)
-    tool = calculate if calculator is True else (calculator or None)
     if not extend:
         self.reset()
         if segments is None or not _as_segments(segments):
@@ -356,33 +390,23 @@ def stream(self: Engine, segments: list | None = None, max_tokens: int = 256, te
     pick = sampler or (lambda logits, step: sample_next(logits, temperature, top_k, generator))
     seg = c.n_segments; c.n_segments += 1               # the reply is one new bytes segment
     self._stream = token = object()                     # a newer stream on this engine takes over its cache
-    done, reasons = [False] * B, [None] * B
-    self.finish_reasons = reasons
-    forced, in_call, call = [deque() for _ in range(B)], [False] * B, [[] for _ in range(B)]
+    replies = [ReplyRules(max_tokens, stop_ids, calculator) for _ in range(B)]
+    reasons = self.finish_reasons = [None] * B
     logits = self.logits
     for step in range(max_tokens):
         with torch.no_grad(): ids = pick(logits, step).tolist()
-        out = [None] * B
-        for r in range(B):
-            if done[r]: continue
-            if forced[r]: out[r] = forced[r].popleft(); continue
-            t = out[r] = int(ids[r])
-            if t in stop: done[r], reasons[r] = True, 'stop'
-            elif tool and in_call[r]:
-                if t == TOOL_CALL_END:
-                    in_call[r] = False
-                    forced[r].extend([TOOL_OUTPUT_START, *str(tool(decode(call[r]))).encode(), TOOL_OUTPUT_END])
-                elif len(call[r]) <= CALC_MAX_CHARS: call[r].append(t)
-            elif tool and t == TOOL_CALL_START: in_call[r], call[r] = True, []
+        out = [None if r.done else r.next(t) for r, t in zip(replies, ids)]
+        if c.room == 0:                                 # the last ids cannot be fed: every sample ends here
+            for r in replies: r.end('context')
+        reasons[:] = [r.reason for r in replies]
         valid = torch.tensor([t is not None for t in out], device=dev)
         self.pending = (torch.tensor([t or 0 for t in out], device=dev), valid, seg)   # yielded, not yet in the cache
-        last = all(done) or step == max_tokens - 1 or c.room == 0
-        if last: reasons[:] = [r or ('length' if step == max_tokens - 1 else 'context') for r in reasons]
         try: yield out
         except GeneratorExit:
-            reasons[:] = [r or 'interrupted' for r in reasons]
+            for r in replies: r.end('interrupted')
+            reasons[:] = [r.reason for r in replies]
             raise
-        if last: return
+        if all(r.done for r in replies): return
         if self._stream is not token: raise RuntimeError("this stream was superseded by a newer call on the same engine")
         ids, valid, _ = self.pending
         self.pending = None
@@ -432,4 +456,138 @@ def naive_generate(model: ImageLM, segments: list, max_tokens: int = 256, temper
         logits = naive_logits(model, segments + ([Bytes(out)] if out else []), fused, skip_blank)
         out.append(int(sample_next(logits, temperature, top_k, generator)[0]))
         if out[-1] in stop: break
+    return out
+
+# %% ../nbs/05_engine.ipynb #c7636a47
+@patch(cls_method=True)
+def stack(cls: KVCache, rows: list, max_len: int | None = None) -> KVCache:
+    "A cache whose row i holds the seen positions of `rows[i]`, a `(cache, row)` pair, in order and moved to the front."
+    if not rows: raise ValueError("nothing to stack: give a list of (cache, row) pairs")
+    first = rows[0][0]
+    out = cls(first.cfg, len(rows), max_len or first.max_len, first.device)
+    seen = [(c.doc_id[r, :c.length] >= 0).nonzero()[:, 0] for c, r in rows]   # columns of each row's real positions
+    out.length = max(len(cols) for cols in seen)
+    if out.length > out.max_len: raise ValueError(f"a row holds {out.length} positions, over max_len={out.max_len}")
+    for i, ((c, r), cols) in enumerate(zip(rows, seen)):
+        n = len(cols)
+        whole = n == 0 or int(cols[-1]) == n - 1                         # already at the front: copy a slice
+        for name in ('seg_id', 'doc_id', 'is_pixel', 'pos', 'grid'):
+            src = getattr(c, name)[r]
+            getattr(out, name)[i, :n] = src[:n] if whole else src[cols]
+        if n and c.k is not None:
+            if out.k is None:
+                shape = c.k.shape[:1] + (len(rows),) + c.k.shape[2:3] + (out.max_len,) + c.k.shape[4:]
+                out.k, out.v = (torch.zeros(shape, dtype=c.k.dtype, device=out.device) for _ in range(2))
+            for mine, theirs in ((out.k, c.k), (out.v, c.v)):
+                mine[:, i, :, :n] = theirs[:, r, :, :n] if whole else theirs[:, r].index_select(2, cols)
+        out.next_pos[i] = c.next_pos[r]
+    out.n_segments = max(c.n_segments for c, _ in rows)
+    return out
+
+# %% ../nbs/05_engine.ipynb #19d94722
+class BatchRow:
+    "One conversation of a `BatchDecoder`: its settings and rules, and the ids it has written so far."
+    def __init__(self, rules: ReplyRules, temperature: float, top_k: int | None, generator, sampler, seg: int, positions: int):
+        self.rules, self.temperature, self.top_k, self.generator, self.sampler = rules, temperature, top_k, generator, sampler
+        self.seg, self.positions, self.length = seg, positions, positions   # its reply's segment; prompt and cached positions
+        self.ids, self.pending = [], None                                   # ids written; the last, not yet fed
+        self.cache = self.logits = None                                     # its own prefill, until it joins
+
+    @property
+    def finish_reason(self) -> str | None: return self.rules.reason
+
+    @property
+    def done(self) -> bool: return self.rules.done
+
+    def __repr__(self): return f"BatchRow({self.positions} prompt positions, {len(self.ids)} ids, {self.finish_reason or 'going on'})"
+
+class BatchDecoder:
+    "Many conversations over one model: each prefilled alone, then all of them decoded with one forward pass per step."
+    def __init__(self, model: ImageLM, fused: bool = True, skip_blank: bool | None = None):
+        self.prefill = Engine(model, fused, skip_blank)   # one new conversation at a time, a batch-1 feed
+        self.batch = Engine(model, fused, skip_blank)     # its cache holds the rows of the batch
+        self.rows, self.joining, self.logits, self.forwards = [], [], None, 0
+
+    @property
+    def cfg(self) -> ModelConfig: return self.prefill.cfg
+
+    def __len__(self) -> int: return sum(not r.done for r in self.rows + self.joining)
+
+    def __repr__(self):
+        c = self.batch.cache
+        return f"BatchDecoder({len(self)} conversations going on, {0 if c is None else c.length} columns, {self.forwards} forward passes)"
+
+    @torch.no_grad()
+    def step(self) -> list:
+        "Feed the last ids in one forward pass, let rows leave and join, sample each row's next id: [(row, id, finish_reason)]."
+        live = [i for i, r in enumerate(self.rows) if not r.done]
+        if self.rows and ((len(live) < len(self.rows) and not self.joining) or self.batch.cache.room < 1):
+            self._restack(live, [])                        # the ended leave first, or the batch is compacted to make room
+            live = list(range(len(self.rows)))
+        if live: self._feed(live)
+        joining, self.joining = self.joining, []
+        if joining or len(live) < len(self.rows): self._restack(live, joining)
+        return self._sample() if self.rows else []
+
+# %% ../nbs/05_engine.ipynb #e51d0185
+@patch
+@torch.no_grad()
+def add(self: BatchDecoder, segments: list, max_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
+        seed: int | None = None, calculator: bool | Callable = False, stop_ids=None, sampler: Callable | None = None) -> BatchRow:
+    "Prefill a new conversation alone; it joins the batch at the next `step`. Its handle."
+    check_sampling(max_tokens, temperature, top_k)
+    e = self.prefill
+    e.reset()
+    logits = e.feed(_as_segments(segments))            # refuses empty prompts and prompts over the context
+    generator = None if seed is None else torch.Generator(device=e.device).manual_seed(seed)
+    row = BatchRow(ReplyRules(max_tokens, stop_ids, calculator), temperature, top_k, generator, sampler,
+                   seg=e.cache.n_segments, positions=e.cache.length)
+    e.cache.n_segments += 1                            # the reply is one new bytes segment, as in `stream`
+    row.cache, row.logits = e.cache, logits
+    e.reset()
+    self.joining.append(row)
+    return row
+
+@patch
+def remove(self: BatchDecoder, row: BatchRow):
+    "End `row` now (its client has gone): it writes nothing more, and leaves the batch at the next step."
+    row.rules.end('interrupted')
+    if row in self.joining: self.joining.remove(row); row.cache = row.logits = None
+
+# %% ../nbs/05_engine.ipynb #a439e8ba
+@patch
+def _restack(self: BatchDecoder, keep: list, joining: list):
+    "The batch of rows `keep` (indices) and then the `joining` rows: one `stack` of their caches and their logits."
+    rows = [self.rows[i] for i in keep] + joining
+    if not rows: self.rows, self.batch.cache, self.logits = [], None, None; return
+    sources = [(self.batch.cache, i) for i in keep] + [(r.cache, 0) for r in joining]
+    self.batch.cache = KVCache.stack(sources, self.cfg.seq_len)
+    self.logits = torch.cat(([self.logits[keep]] if keep else []) + [r.logits for r in joining])
+    for r in joining: r.cache = r.logits = None
+    self.rows = rows
+
+@patch
+def _feed(self: BatchDecoder, live: list):
+    "One forward pass: the pending id of each row in `live`; the other rows sit it out, unseen."
+    valid = torch.zeros(len(self.rows), dtype=torch.bool)
+    valid[live] = True
+    dev = self.batch.device
+    ids = torch.tensor([r.pending or 0 for r in self.rows], device=dev)
+    self.logits = self.batch._decode(ids, valid.to(dev), torch.tensor([r.seg for r in self.rows], device=dev))
+    for i in live: self.rows[i].length += 1
+    self.forwards += 1
+
+@patch
+def _sample(self: BatchDecoder) -> list:
+    "Each row's next id, with its own settings and rules: [(row, id, finish_reason)]."
+    out, greedy = [], self.logits.argmax(-1).tolist()   # one argmax for all; the rows that sample draw their own
+    for i, row in enumerate(self.rows):
+        logits = self.logits[i:i + 1]
+        if row.sampler is not None: t = row.sampler(logits, len(row.ids))[0]
+        elif row.temperature == 0: t = greedy[i]
+        else: t = sample_next(logits, row.temperature, row.top_k, row.generator)[0]
+        t = row.pending = row.rules.next(int(t))
+        if row.length == self.cfg.seq_len: row.rules.end('context')   # its own positions fill the context
+        row.ids.append(t)
+        out.append((row, t, row.finish_reason))
     return out

@@ -1,6 +1,6 @@
 """`python -m imagelm.chat_web` as users run it: a live server on 127.0.0.1 over a tiny checkpoint made here, driven with
 httpx, with the official `openai` client and in headless Chromium (desktop and phone width)."""
-import base64, concurrent.futures, io, json, subprocess, sys, time
+import base64, concurrent.futures, contextlib, io, json, subprocess, sys, time
 
 import httpx, openai, pytest
 from PIL import Image
@@ -50,9 +50,11 @@ def picture_url(size=(48, 32), colour=(220, 40, 40)) -> str:
 def test_page_health_models_and_stats(server):
     page = httpx.get(server + '/')
     assert page.status_code == 200 and '<textarea id="message"' in page.text and 'src="http' not in page.text
-    assert httpx.get(server + '/health').json() == {'status': 'ok', 'model': 'imagelm-base', 'workers': 2, 'idle_workers': 2}
+    assert httpx.get(server + '/health').json() == {'status': 'ok', 'model': 'imagelm-base', 'workers': 2, 'idle_workers': 2,
+                                                    'active_replies': 0, 'max_batch': 8}
     assert httpx.get(server + '/v1/models').json()['data'][0]['id'] == 'imagelm-base'
-    assert {'requests', 'completed', 'refused', 'first_byte_p50_s'} <= set(httpx.get(server + '/stats').json())
+    assert {'requests', 'completed', 'refused', 'first_byte_p50_s', 'active_replies', 'max_batch', 'decode_steps', 'mean_batch',
+            'largest_batch'} <= set(httpx.get(server + '/stats').json())
     assert '/v1/chat/completions' in httpx.get(server + '/openapi.json').json()['paths']
 
 
@@ -165,6 +167,69 @@ def test_the_official_openai_client(server):
     with pytest.raises(openai.BadRequestError, match='top_k must be an integer in'):
         client.chat.completions.create(model='imagelm-base', messages=[user('hi')], extra_body={'top_k': 500})
     assert [m.id for m in client.models.list()] == ['imagelm-base']
+
+
+@pytest.fixture(scope='module')
+def batched(folder):
+    "One worker that decodes up to 8 replies at once."
+    proc, url = start(folder, '--num_workers=1', '--max_batch=8', '--queue_timeout=120', '--temperature=0')
+    yield url
+    stop(proc)
+
+
+def test_8_concurrent_replies_on_1_worker_equal_each_reply_alone(batched):
+    questions = [{**CHAT, 'messages': [user(f'Question {i}: what is {i} plus {i}?')], 'max_tokens': 64} for i in range(8)]
+    alone = [post(batched, q).json() for q in questions]   # one at a time: each in a batch of its own
+    before = httpx.get(batched + '/stats').json()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool: together = list(pool.map(lambda q: post(batched, q), questions))
+    after = httpx.get(batched + '/stats').json()
+    assert [r.status_code for r in together] == [200] * 8
+    assert [r.json()['choices'][0]['message']['content'] for r in together] == [a['choices'][0]['message']['content'] for a in alone]
+    assert [r.json()['usage'] for r in together] == [a['usage'] for a in alone]
+    ids = sum(a['usage']['completion_tokens'] for a in alone)
+    assert after['decode_steps'] - before['decode_steps'] < ids   # some steps wrote several replies
+    assert after['active_replies'] == 0 and after['max_batch'] == 8
+
+
+def test_8_concurrent_streams_on_1_worker_are_decoded_in_the_same_steps(batched):
+    long = {**CHAT, 'max_tokens': 4096, 'stream': True}
+    def health(): return httpx.get(batched + '/health').json()
+    with contextlib.ExitStack() as stack:
+        streams = [stack.enter_context(httpx.stream('POST', batched + '/v1/chat/completions', timeout=60,
+                                                    json={**long, 'messages': [user(f'Tell me about {i}')]})) for i in range(8)]
+        lines = [r.iter_lines() for r in streams]   # kept: a dropped iterator closes its response
+        for it in lines: assert sum(1 for line, _ in zip(it, range(3)) if line.startswith('data: {')) == 2   # the role, then text
+        assert health()['active_replies'] == 8 and health()['idle_workers'] == 0   # all eight are being written now
+        steps = httpx.get(batched + '/stats').json()['decode_steps']
+        deadline = time.time() + 5
+        while httpx.get(batched + '/stats').json()['decode_steps'] < steps + 3 and time.time() < deadline: time.sleep(0.02)
+        stats = httpx.get(batched + '/stats').json()
+        assert stats['largest_batch'] == 8 and stats['decode_steps'] >= steps + 3   # steps that wrote all eight replies
+    deadline = time.time() + 2
+    while health()['active_replies'] and time.time() < deadline: time.sleep(0.02)
+    assert health()['active_replies'] == 0 and health()['idle_workers'] == 1
+
+
+def test_a_client_that_leaves_mid_batch_frees_its_slot_while_the_others_go_on(batched):
+    before = httpx.get(batched + '/stats').json()
+    long = {**CHAT, 'max_tokens': 4096, 'stream': True}
+    def active(): return httpx.get(batched + '/health').json()['active_replies']
+    with contextlib.ExitStack() as stack:
+        streams = [stack.enter_context(httpx.stream('POST', batched + '/v1/chat/completions', json=long, timeout=60)) for _ in range(3)]
+        lines = [r.iter_lines() for r in streams]
+        for it in lines: assert sum(1 for line, _ in zip(it, range(6)) if line.startswith('data: ')) >= 3
+        assert active() == 3
+        streams[1].close()                                   # one client leaves in the middle of its reply
+        deadline = time.time() + 2
+        while active() > 2 and time.time() < deadline: time.sleep(0.02)
+        assert active() == 2
+        for it in (lines[0], lines[2]):                      # the others go on
+            assert sum(1 for line, _ in zip(it, range(40)) if line.startswith('data: {')) == 20   # 20 events, each and a blank line
+        assert post(batched, CHAT).status_code == 200        # and a newcomer takes the free slot
+    deadline = time.time() + 2
+    while active() > 0 and time.time() < deadline: time.sleep(0.02)
+    after = httpx.get(batched + '/stats').json()
+    assert after['active_replies'] == 0 and after['disconnected'] - before['disconnected'] == 3
 
 
 @pytest.mark.parametrize('viewport', ['desktop', 'phone'])

@@ -10,7 +10,7 @@ import torch
 
 from imagelm.engine import (CALC_MAX_CHARS, CALC_MAX_DEPTH, CALC_MAX_DIGITS, CALC_MAX_MAGNITUDE, TOOL_CALL_END,
                             TOOL_CALL_START, TOOL_OUTPUT_END, TOOL_OUTPUT_START, CalcError, Engine, KVCache, calc_tokens,
-                            calculate, evaluate, naive_generate, sample_next)
+                            calculate, evaluate, naive_generate, naive_logits, sample_next)
 from imagelm.model import ImageLM, ModelConfig, randomize_output_projections
 from imagelm.render import Span
 from imagelm.segments import Bytes, Pixels, SequenceTooLong, dense_mask, pack, special
@@ -435,3 +435,146 @@ def test_a_new_stream_supersedes_an_unfinished_one():
     with pytest.raises(RuntimeError, match='superseded'):
         next(old)
     assert new == naive_generate(model, PROMPTS['document'], max_tokens=6, stop_ids=())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# many conversations in one batch
+
+from imagelm.engine import BatchDecoder, ReplyRules   # noqa: E402
+from imagelm.render import Picture                     # noqa: E402
+
+RED = torch.zeros(16, 24, 3, dtype=torch.uint8).numpy(); RED[..., 0] = 200
+BATCH_PROMPTS = {**PROMPTS, 'picture': [Bytes([BOS])] + user_turn(['A red picture:', Picture(RED, 2), 'what is it?'])}
+
+
+def alone(model, segments, **kw) -> tuple:
+    "The ids and finish reason of one reply written alone through `Engine.stream`."
+    engine = Engine(model)
+    return engine.generate(segments, **kw)[0], engine.finish_reasons[0]
+
+
+def run_to_the_end(decoder, joins=(), removals=()) -> list:
+    "Step `decoder` until it is empty; `joins` {step: [(name, segments, kw)]} and `removals` {step: name} happen before a step."
+    joins, removals, rows, sizes = dict(joins), dict(removals), {}, []
+    while decoder.rows or decoder.joining or joins:
+        for name, segments, kw in joins.pop(len(sizes), []): rows[name] = decoder.add(segments, **kw)
+        if len(sizes) in removals: decoder.remove(rows[removals[len(sizes)]])
+        sizes.append(len(decoder.step()))
+    return rows, sizes
+
+
+@pytest.mark.parametrize('variant', ['mha-1d', 'gqa-2d'])
+def test_a_stacked_cache_steps_exactly_like_its_source_rows(variant):
+    model = model_for(variant)
+    engine = Engine(model)
+    firsts = engine.generate(PROMPTS['chat'], max_tokens=10, temperature=1.0, seed=3, num_samples=3, stop_ids=range(64))
+    assert len({len(f) for f in firsts}) > 1, 'the test needs rows with unseen positions between their own'
+    engine.feed([])                                             # the last ids into the cache
+    other = Engine(model); other.feed(PROMPTS['pages and bytes'])
+    order = [(engine.cache, 2), (other.cache, 0), (engine.cache, 0), (engine.cache, 1)]
+    stacked = KVCache.stack(order)
+    seen = [int((c.doc_id[r, :c.length] >= 0).sum()) for c, r in order]
+    assert stacked.length == max(seen) and stacked.max_len == model.cfg.seq_len
+    assert min(seen[0], seen[2], seen[3]) < engine.cache.length      # unseen positions were dropped
+    assert stacked.next_pos.tolist() == [int(c.next_pos[r]) for c, r in order]
+    assert stacked.n_segments == max(engine.cache.n_segments, other.cache.n_segments)
+    for i, (c, r) in enumerate(order):   # the seen columns, in order, at the front; then nothing anybody sees
+        cols = (c.doc_id[r, :c.length] >= 0).nonzero()[:, 0]
+        assert torch.equal(stacked.k[:, i, :, :seen[i]], c.k[:, r].index_select(2, cols))
+        for name in ('seg_id', 'is_pixel', 'pos', 'grid'): assert torch.equal(getattr(stacked, name)[i, :seen[i]], getattr(c, name)[r, cols])
+        assert (stacked.doc_id[i, seen[i]:] == -1).all()
+    batch = Engine(model); batch.cache = stacked
+    ids = torch.tensor([65, 66, 67, 68])
+    segs = torch.tensor([c.n_segments for c, _ in order])
+    logits = batch._decode(ids, torch.ones(4, dtype=torch.bool), segs)
+    histories = [PROMPTS['chat'] + [Bytes(firsts[2])], PROMPTS['pages and bytes'], PROMPTS['chat'] + [Bytes(firsts[0])],
+                 PROMPTS['chat'] + [Bytes(firsts[1])]]
+    for i, history in enumerate(histories):   # each row's next step is the oracle's for its own history
+        torch.testing.assert_close(logits[i:i + 1], naive_logits(model, history + [Bytes([int(ids[i])])]), rtol=1e-4, atol=1e-4)
+
+
+def test_stack_refuses_nothing_and_rows_over_max_len():
+    engine = Engine(model_for('mha-1d')); engine.feed(PROMPTS['chat'])
+    with pytest.raises(ValueError, match='nothing to stack'): KVCache.stack([])
+    with pytest.raises(ValueError, match='over max_len'): KVCache.stack([(engine.cache, 0)], max_len=engine.cache.length - 1)
+
+
+@pytest.mark.parametrize('variant', ['mha-1d', 'gqa-2d'])
+def test_batched_greedy_replies_equal_each_reply_alone(variant):
+    model = model_for(variant)
+    names = ['chat', 'page only', 'picture', 'document', 'styled page', 'unicode page', 'pages and bytes']
+    kw = {name: dict(max_tokens=8 + 3 * i, temperature=0, stop_ids=range(40 + 8 * i, 48 + 8 * i)) for i, name in enumerate(names)}
+    joins = {0: names[:3], 2: names[3:5], 5: names[5:6], 9: names[6:]}
+    decoder = BatchDecoder(model)
+    rows, sizes = run_to_the_end(decoder, {s: [(n, BATCH_PROMPTS[n], kw[n]) for n in ns] for s, ns in joins.items()}, {4: 'page only'})
+    assert max(sizes) >= 4 and decoder.forwards < sum(sizes)   # several rows in a forward pass
+    assert decoder.batch.cache is None and len(decoder) == 0     # everyone has left
+    for name in names:
+        ids, reason = alone(model, BATCH_PROMPTS[name], **kw[name])
+        if name == 'page only': assert (rows[name].ids, rows[name].finish_reason) == (ids[:4], 'interrupted')
+        else: assert (rows[name].ids, rows[name].finish_reason) == (ids, reason), name
+    assert {rows[n].finish_reason for n in names} >= {'stop', 'length', 'interrupted'}
+
+
+def test_a_row_that_fills_the_context_ends_there_and_the_others_go_on():
+    model = random_model(2, seq_len=48)
+    long, short = [Bytes([BOS]), Pixels('one line of text'), Bytes([A0])], [Bytes([BOS, 65, 66, 67])]
+    kw = dict(max_tokens=60, temperature=0, stop_ids=())
+    decoder = BatchDecoder(model)
+    first = decoder.add(long, **kw)
+    for _ in range(5): decoder.step()
+    second = decoder.add(short, **kw)
+    while not first.done: decoder.step()
+    third = decoder.add(long, **kw)   # joins in the step where the full row leaves
+    while decoder.rows or decoder.joining: decoder.step()
+    for row, prompt in ((first, long), (second, short), (third, long)):
+        ids, reason = alone(model, prompt, **kw)
+        assert (row.ids, row.finish_reason) == (ids, reason) and reason == 'context'
+        assert len(ids) == 48 - row.positions + 1
+
+
+def test_batched_sampling_and_the_calculator_are_per_row():
+    model = model_for('gqa-1d')
+    p = PROMPTS['chat']
+    call = [TOOL_CALL_START, *b'12 * (3 + 4) - 1', TOOL_CALL_END]
+    settings = {'tool': dict(max_tokens=30, calculator=True, sampler=scripted(call), stop_ids=()),
+                'no tool': dict(max_tokens=30, sampler=scripted(call), stop_ids=()),
+                'hot': dict(max_tokens=30, temperature=1.5, seed=7, stop_ids=()),
+                'top-k': dict(max_tokens=20, temperature=0.8, top_k=5, seed=11, stop_ids=()),
+                'tool and seed': dict(max_tokens=30, temperature=1.0, seed=5, calculator=True, sampler=lambda logits, step: (
+                    torch.tensor([call[step]]) if step < len(call) else sample_next(logits, 1.0, None, gen)), stop_ids=()),
+                'greedy': dict(max_tokens=25, temperature=0, stop_ids=())}
+    gen = torch.Generator().manual_seed(5)
+    decoder = BatchDecoder(model)
+    rows, _ = run_to_the_end(decoder, {0: [(n, p, kw) for n, kw in list(settings.items())[:3]],
+                                       3: [(n, p, kw) for n, kw in list(settings.items())[3:]]})
+    for name, kw in settings.items():
+        gen.manual_seed(5)
+        assert rows[name].ids == alone(model, p, **kw)[0], name
+    forced = [TOOL_OUTPUT_START, *b'83', TOOL_OUTPUT_END]
+    assert rows['tool'].ids[len(call):len(call) + 4] == forced and rows['no tool'].ids[len(call)] != TOOL_OUTPUT_START
+    assert rows['hot'].ids != rows['greedy'].ids[:len(rows['hot'].ids)]
+
+
+def test_batch_decoder_refuses_bad_prompts_and_settings_and_stays_usable():
+    decoder = BatchDecoder(random_model(2, seq_len=48))
+    with pytest.raises(ValueError, match='empty'): decoder.add([])
+    with pytest.raises(ValueError, match='longer than the context'): decoder.add([Pixels('x' * 64 * 8)])
+    with pytest.raises(ValueError, match='temperature'): decoder.add(PROMPTS['chat'][:1], temperature=-1)
+    assert len(decoder) == 0 and decoder.step() == []
+    row = decoder.add([Bytes([BOS])], max_tokens=3, temperature=0, stop_ids=())
+    out = [decoder.step() for _ in range(4)]
+    assert [len(o) for o in out] == [1, 1, 1, 0] and out[2][0][2] == 'length' and len(row.ids) == 3
+
+
+def test_reply_rules_stop_force_and_end():
+    rules = ReplyRules(max_tokens=12, calculator=True)
+    written = [rules.next(t) for t in [TOOL_CALL_START, *b'2+2', TOOL_CALL_END, 0, 0, 0, 0]]
+    assert written == [TOOL_CALL_START, *b'2+2', TOOL_CALL_END, TOOL_OUTPUT_START, ord('4'), TOOL_OUTPUT_END, 0]
+    assert rules.next(A1) == A1 and rules.reason == 'stop'
+    rules.end('context')
+    assert rules.reason == 'stop'
+    short = ReplyRules(max_tokens=2, stop_ids=())
+    short.next(A1); short.next(A1)
+    assert short.reason == 'length'
+    with pytest.raises(ValueError, match='has ended'): short.next(65)
