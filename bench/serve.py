@@ -1,13 +1,12 @@
 """The chat server under load: aggregate bytes/s and time to the first byte (p50, p99) with 1, 4 and 16 concurrent
-clients, for 1 and 2 workers, and each figure's ratio to one client. The server is `python -m imagelm.chat_web` in
-its own process, each worker decoding up to --max_batch replies at once in one batch (1: one reply at a time), over a
-checkpoint of the CPU preset's shape (2 steps of training: the speed of a model does not depend on its weights); each
-client streams replies one after the other for --seconds, all replies greedy and --max_tokens long at most. Writes
-bench/results/serve.json and serve.log.
+clients, and each figure's ratio to one client, for several server setups: workers x CPU threads per worker x
+replies each worker decodes at once (--max_batch; 1 is one reply at a time). The server is `python -m imagelm.chat_web`
+in its own process, over a checkpoint of the CPU preset's shape (2 steps of training: the speed of a model does not
+depend on its weights); each client streams replies one after the other for --seconds, all greedy and --max_tokens
+long at most. Writes bench/results/serve.json and serve.log.
 
-    python bench/serve.py
-    python bench/serve.py --seconds 30 --clients 1 4 16 --workers 1 2
-    python bench/serve.py --max_batch 1 --out bench/results/serve_unbatched.json   # the same, one reply per worker at a time
+    python bench/serve.py                                   # setups 1x1x8 1x2x8 2x1x8 1x1x1
+    python bench/serve.py --setups 1x1x8 --clients 1 4 16 --seconds 30
 """
 import argparse, asyncio, json, os, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -58,23 +57,24 @@ async def load(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--seconds', type=float, default=20.0, help='length of each load level (default 20)')
+    parser.add_argument('--seconds', type=float, default=15.0, help='length of each load level (default 15)')
     parser.add_argument('--clients', type=int, nargs='+', default=[1, 4, 16], help='concurrent clients of each level')
-    parser.add_argument('--workers', type=int, nargs='+', default=[1, 2], help='server workers to measure')
+    parser.add_argument('--setups', nargs='+', default=['1x1x8', '1x2x8', '2x1x8', '1x1x1'],
+                        help='server setups, each workers x threads x max_batch (default 1x1x8 1x2x8 2x1x8 1x1x1)')
     parser.add_argument('--max_tokens', type=int, default=128, help='most bytes of a reply (default 128)')
-    parser.add_argument('--max_batch', type=int, default=8, help="replies each worker decodes at once, the server's --max_batch (default 8)")
     parser.add_argument('--out', default=str(RESULTS / 'serve.json'), help='JSON to write; the log goes beside it')
     args = parser.parse_args()
     env = {**os.environ, 'IMAGELM_BASE_DIR': tempfile.mkdtemp(), 'PYTHONUNBUFFERED': '1'}
     made = subprocess.run([sys.executable, '-m', 'imagelm.base_train', '--preset=cpu', '--run=serve', '--num_iterations=2',
                            '--eval_batches=1', '--sample_every=0'], env=env, capture_output=True, text=True)
     if made.returncode: sys.exit(f'the checkpoint could not be made:\n{made.stderr[-2000:]}')
-    result, log = {'max_batch': args.max_batch, 'levels': {}}, []
-    for workers in args.workers:
+    result, log = {'setups': {}}, []
+    for setup in args.setups:
+        workers, threads, max_batch = (int(n) for n in setup.split('x'))
         port = free_port()
         server = subprocess.Popen([sys.executable, '-m', 'imagelm.chat_web', '--stage=base', f'--port={port}', f'--num_workers={workers}',
-                                   f'--max_batch={args.max_batch}', '--queue_timeout=600', '--max_waiting=1000'], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, start_new_session=True)
+                                   f'--threads={threads}', f'--max_batch={max_batch}', '--queue_timeout=600', '--max_waiting=1000'],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         url = f'http://127.0.0.1:{port}'
         try:
             wait_for_http(url + '/health', 120, server)
@@ -85,11 +85,12 @@ def main():
         for level in levels:
             level['bytes_per_s_vs_one_client'] = round(level['bytes_per_s'] / one['bytes_per_s'], 2)
             level['first_byte_p50_vs_one_client'] = round(level['first_byte_p50_s'] / one['first_byte_p50_s'], 2)
-            line = (f"{workers} worker(s) x {args.max_batch}, {level['clients']:>2} clients: {level['bytes_per_s']:7.1f} bytes/s "
-                    f"({level['bytes_per_s_vs_one_client']:.2f}x one client), first byte p50 {level['first_byte_p50_s']:.3f} s, "
-                    f"p99 {level['first_byte_p99_s']:.3f} s, {level['replies']} replies of {level['mean_reply_bytes']:.0f} bytes")
+            line = (f"{workers} worker(s) x {threads} thread(s) x batch {max_batch}, {level['clients']:>2} clients: "
+                    f"{level['bytes_per_s']:7.1f} bytes/s ({level['bytes_per_s_vs_one_client']:.2f}x one client), first byte p50 "
+                    f"{level['first_byte_p50_s']:.3f} s, p99 {level['first_byte_p99_s']:.3f} s, {level['replies']} replies of "
+                    f"{level['mean_reply_bytes']:.0f} bytes")
             print(line, flush=True); log.append(line)
-        result['levels'][f'{workers}_workers'] = levels
+        result['setups'][setup] = {'workers': workers, 'threads': threads, 'max_batch': max_batch, 'levels': levels}
     path = save_result(result, args.out, args)
     path.with_suffix('.log').write_text('\n'.join(log) + '\n')
     print(f'wrote {path}')

@@ -719,6 +719,7 @@ def make_parser() -> argparse.ArgumentParser:
     a('--num_workers', type=bounded(int, 1, 64), default=None, help='model workers (default: one per GPU, else 1)')
     a('--max_batch', type=bounded(int, 1, 64), default=8, help='replies each worker writes at once, in one batch (default 8)')
     a('--device', default=None, help='cuda, mps or cpu (default: detected)')
+    a('--threads', type=bounded(int, 1, 1024), default=None, help="CPU threads of the workers' PyTorch ops (default 1: best for the CPU path's small model)")
     a('--temperature', type=bounded(float, 0.0, 2.0), default=0.6, help='temperature of requests that give none (default 0.6)')
     a('--top_k', type=bounded(int, 0, 200), default=50, help='top-k of requests that give none; 0 is off (default 50)')
     a('--max_tokens', type=bounded(int, 1, 4096), default=512, help='most bytes of a reply when a request gives none (default 512)')
@@ -727,19 +728,20 @@ def make_parser() -> argparse.ArgumentParser:
     a('--model_name', default=None, help='the model id of the API (default imagelm-<stage>)')
     return p
 
-def worker_models(stage: str, run: str | None, step: int | None, device: str | None, num_workers: int | None) -> tuple:
-    "One model per worker, and the checkpoint's meta: one per GPU on CUDA, else `num_workers` sharing one model."
+def worker_models(stage: str, run: str | None, step: int | None, device: str | None, num_workers: int | None,
+                  threads: int | None = None) -> tuple:
+    "One model per worker, and the checkpoint's meta: one per GPU on CUDA, else `num_workers` sharing one model, on `threads` CPU threads."
     device = device or autodetect_device()
     if device == 'cuda': devices = [f'cuda:{i % torch.cuda.device_count()}' for i in range(num_workers or torch.cuda.device_count())]
     else: devices = [device] * (num_workers or 1)
     loaded = {d: load_model(stage, run, step, device=d) for d in dict.fromkeys(devices)}
-    if device == 'cpu': torch.set_num_threads(max(1, torch.get_num_threads() // len(devices)))
+    if device == 'cpu': torch.set_num_threads(threads or 1)
     return [loaded[d][0] for d in devices], loaded[devices[0]][1]
 
 def main(argv=None) -> int:
     "Command-line entry point: `python -m imagelm.chat_web`. The exit status: 0 after a clean stop, 1 when nothing could be loaded."
     args = make_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try: models, meta = worker_models(args.stage, args.run, args.step, args.device, args.num_workers)
+    try: models, meta = worker_models(args.stage, args.run, args.step, args.device, args.num_workers, args.threads)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f'error: {error}', file=sys.stderr); return 1
     model_id = args.model_name or f'imagelm-{args.stage}'
