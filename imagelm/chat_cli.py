@@ -10,7 +10,7 @@ from fastcore.imports import IN_NOTEBOOK
 
 from .checkpoints import add_checkpoint_flags, load_model
 from .common import bounded
-from .conversation import fit_conversation, read_picture, stream_reply
+from .conversation import fit_conversation, read_picture, reply_message, stream_reply
 from .engine import Engine
 
 # %% auto #0
@@ -61,7 +61,7 @@ class TerminalChat:
             self.out.write(' [stopped]')
         self.out.write('\n'); self.out.flush()
         reply = ''.join(pieces)
-        self.messages = messages + ([{'role': 'assistant', 'content': reply}] if reply.strip() else [])
+        self.messages = messages + ([reply_message(reply)] if reply.strip() else [])
         return reply
 
 # %% ../nbs/22_chat_cli.ipynb #70facce7

@@ -4,14 +4,14 @@
 
 # %% ../nbs/25_chat_web.ipynb #00416046
 from __future__ import annotations
-import argparse, asyncio, base64, binascii, io, json, queue, sys, threading, time, uuid
+import argparse, asyncio, base64, binascii, contextlib, io, json, queue, sys, threading, time, uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastcore.basics import patch
 from fastcore.imports import IN_NOTEBOOK
 from PIL import Image
@@ -21,7 +21,8 @@ from starlette.exceptions import HTTPException
 from . import __version__
 from .checkpoints import add_checkpoint_flags, load_model
 from .common import bounded
-from .conversation import ReplyText, conversation_segments, fit_conversation, message_pages, read_picture
+from .conversation import (ReplyText, conversation_segments, fit_conversation, message_pages, read_picture,
+                                  reply_message)
 from .engine import BatchDecoder
 from .model import ImageLM
 from .train import autodetect_device
@@ -29,8 +30,8 @@ from .train import autodetect_device
 # %% auto #0
 __all__ = ['ROLE_NAMES', 'UNSUPPORTED', 'PAGE', 'Limits', 'ApiError', 'decode_data_url', 'request_picture', 'parse_messages',
            'ChatRequest', 'parse_request', 'Worker', 'WorkerPool', 'ReplyRun', 'completion_chunk', 'completion',
-           'usage', 'sse', 'Stats', 'request_schema', 'read_json', 'png_data_url', 'make_app', 'BackgroundServer',
-           'make_parser', 'worker_models', 'main']
+           'usage', 'sse', 'Stats', 'request_schema', 'read_json', 'ClientGone', 'until_gone', 'unless_gone',
+           'png_data_url', 'make_app', 'BackgroundServer', 'make_parser', 'worker_models', 'main']
 
 # %% ../nbs/25_chat_web.ipynb #529d18ae
 @dataclass(frozen=True)
@@ -128,7 +129,8 @@ def parse_messages(raw, limits: Limits = Limits(), reply: bool = True) -> list:
             raise ApiError(400, f"the messages have more than {limits.max_total_chars:,} characters in all, over the limit",
                            'messages', 'conversation_too_long')
         items = [_part(p, role, f'{where}.content[{j}]', limits) for j, p in enumerate(parts)]
-        messages.append({'role': role, 'content': items[0] if len(items) == 1 and isinstance(items[0], str) else items})
+        if role == 'assistant': messages.append(reply_message(''.join(items)))   # its tool calls as they were written
+        else: messages.append({'role': role, 'content': items[0] if len(items) == 1 and isinstance(items[0], str) else items})
     try: conversation_segments(messages, reply=reply)
     except ValueError as error: raise ApiError(400, str(error), 'messages', 'invalid_conversation') from None
     return messages
@@ -248,10 +250,16 @@ class WorkerPool:
         if free.empty() and self.waiting >= self.max_waiting:
             raise ApiError(503, f"{self.waiting} requests are already waiting for {self._said()}; try again later", None, 'queue_full')
         self.waiting += 1
-        try: await asyncio.wait_for(free.get(), self.timeout)
-        except asyncio.TimeoutError:
-            raise ApiError(503, f"{self._said()} stayed busy for {self.timeout:g} s; try again later", None, 'server_busy') from None
+        slot = asyncio.ensure_future(free.get())   # waited on with asyncio.wait, which never loses a slot that comes late
+        try: done, _ = await asyncio.wait({slot}, timeout=self.timeout)
+        except asyncio.CancelledError:            # the client left while it waited
+            if slot.done() and not slot.cancelled(): free.put_nowait(None)
+            else: slot.cancel()
+            raise
         finally: self.waiting -= 1
+        if not done:
+            slot.cancel()
+            raise ApiError(503, f"{self._said()} stayed busy for {self.timeout:g} s; try again later", None, 'server_busy')
         worker = min(self.workers, key=lambda w: w.taken)
         worker.taken += 1
         return worker
@@ -590,6 +598,23 @@ async def read_json(request: Request, limits: Limits = Limits()):
     try: return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error: raise ApiError(400, f"the body is not valid JSON: {error}", None, 'invalid_json') from None
 
+class ClientGone(Exception):
+    "The client closed its connection before its reply began."
+
+async def until_gone(request: Request, every: float = 0.2) -> None:
+    "Return once the client of `request` has disconnected."
+    while not await request.is_disconnected(): await asyncio.sleep(every)
+
+async def unless_gone(request: Request, work):
+    "The result of `work`, awaited unless the client leaves first: then `work` is cancelled and ClientGone raised."
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(until_gone(request))
+    try: done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally: gone.cancel()
+    if task in done: return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError): await task
+    raise ClientGone()
+
 def png_data_url(image: Image.Image) -> str:
     buffer = io.BytesIO(); image.save(buffer, format='PNG')
     return 'data:image/png;base64,' + base64.b64encode(buffer.getvalue()).decode()
@@ -643,7 +668,10 @@ def make_app(models: list, model_id: str = 'imagelm', limits: Limits = Limits(),
         arrived = time.perf_counter()
         stats.requests += 1
         chat = parse_request(await read_json(request, limits), model_id, limits, defaults)
-        run = ReplyRun(pool, await pool.acquire(), chat)
+        try: run = ReplyRun(pool, await unless_gone(request, pool.acquire()), chat)
+        except ClientGone:   # it gave up while it waited for a slot: nobody is left to answer
+            stats.disconnected += 1
+            return Response(status_code=499)
         event = await run.next()
         if event[0] == 'error': raise event[1]
         prompt, ident, created = event[1], f'chatcmpl-{uuid.uuid4().hex}', int(time.time())
@@ -654,7 +682,7 @@ def make_app(models: list, model_id: str = 'imagelm', limits: Limits = Limits(),
 
         if not chat.stream:
             async def watch():
-                while not await request.is_disconnected(): await asyncio.sleep(0.2)
+                await until_gone(request)
                 run.cancel(); stats.disconnected += 1
             watcher, pieces = asyncio.create_task(watch()), []
             try:

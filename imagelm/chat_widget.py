@@ -16,15 +16,15 @@ from PIL import Image
 
 from .attention import AttentionMaps, attention_maps, page_heatmap, reading_path, show_heatmap, show_reading_path
 from .checkpoints import load_model
-from .conversation import conversation_segments, fit_conversation, message_pages, read_picture, stream_reply
+from .conversation import conversation_segments, fit_conversation, message_pages, read_picture, reply_message, stream_reply
 from .engine import Engine
 from .segments import N_BYTES, SPECIAL_IDS, SPECIAL_TOKENS, Bytes
 from .train import STAGES
 
 # %% auto #0
-__all__ = ['ENDINGS', 'SHORT_NAMES', 'SHOWN_CHARS', 'png_uri', 'user_html', 'reply_html', 'one_line', 'ChatWidget', 'show_chat',
-           'byte_labels', 'text_ids', 'patch_position', 'page_rows', 'bytes_before', 'show_byte_strip',
-           'AttentionWidget']
+__all__ = ['ENDINGS', 'SHORT_NAMES', 'SHOWN_CHARS', 'MAX_CHAR_BUTTONS', 'png_uri', 'user_html', 'reply_html', 'one_line',
+           'ChatWidget', 'show_chat', 'byte_labels', 'text_ids', 'patch_position', 'page_rows', 'bytes_before',
+           'show_byte_strip', 'AttentionWidget']
 
 # %% ../nbs/24_chat_widget.ipynb #189bb3b9
 def png_uri(image: Image.Image, width: int | None = None) -> str:
@@ -194,7 +194,7 @@ def _write(self: ChatWidget, messages: list, reply: dict, view, sampling: dict, 
     reply['ending'] = 'error' if error else (self.engine.finish_reasons or ['stop'])[0]
     view.value = reply_html(reply['text'], f"[{ENDINGS[reply['ending']]}]" if reply['ending'] in ('interrupted', 'error') else '')
     if session == self._session:
-        self.messages = messages + ([{'role': 'assistant', 'content': reply['text']}] if reply['text'].strip() else [])
+        self.messages = messages + ([reply_message(reply['text'])] if reply['text'].strip() else [])
     if error: self._say(error, error=True)
     else:
         n = len(reply['text'].encode())
@@ -322,6 +322,8 @@ def show_byte_strip(maps: AttentionMaps, position: int, layer: int | None = None
 def _choices(n: int) -> list: return [('mean', 'mean')] + [(str(i), i) for i in range(n)]
 def _chosen(value): return None if value == 'mean' else value
 
+MAX_CHAR_BUTTONS = 256   # a button per reply byte up to here: a browser draws thousands of widgets slowly
+
 class AttentionWidget:
     "Where a model looked while writing a reply: a reply byte's or a patch's attention over the pages and the bytes, and the reading path."
     def __init__(self, model, segments: list, reply, width: float = 9.0, dpi: int = 72):
@@ -338,7 +340,7 @@ class AttentionWidget:
         self.head = W.Dropdown(options=_choices(heads), value='mean', description='head', layout=W.Layout(width='11em'))
         self.byte = W.IntSlider(value=0, min=0, max=len(self.reply) - 1, description='reply byte')
         self.chars = [W.Button(description=label, tooltip=f'reply byte {i}', layout=W.Layout(width='2.4em', padding='0'))
-                      for i, label in enumerate(self.labels)]
+                      for i, label in enumerate(self.labels[:MAX_CHAR_BUTTONS])]   # the slider reaches every byte
         for i, button in enumerate(self.chars): button.on_click(lambda _, i=i: self.pick_byte(i))
         self.page = W.Dropdown(options=list(range(max(1, self.n_pages))), value=0, description='page', layout=W.Layout(width='10em'))
         self.row = W.IntSlider(value=0, min=0, max=max(0, self._rows(0) - 1), description='patch row')
@@ -365,7 +367,7 @@ class AttentionWidget:
         if chat.running: raise ValueError('a reply is being written: wait for it first')
         if chat.model is None or not chat.messages or chat.messages[-1]['role'] != 'assistant':
             raise ValueError('the chat has no reply yet: send a message first')
-        return cls.from_messages(chat.model, chat.messages[:-1], chat.messages[-1]['content'], **kwargs)
+        return cls.from_messages(chat.model, chat.messages[:-1], chat.transcript[-1]['text'], **kwargs)
 
     def _rows(self, page: int) -> int: return page_rows(self.maps, page) if self.n_pages else 0
 
@@ -455,8 +457,10 @@ def redraw(self: AttentionWidget):
     self.figure.savefig(buffer, format='png', dpi=self.dpi)
     self.out.outputs = ({'output_type': 'display_data', 'metadata': {},
                          'data': {'image/png': base64.b64encode(buffer.getvalue()).decode(), 'text/plain': repr(self.drawn)}},)
-    self.chars[self._lit].button_style = ''
-    if self.drawn['mode'] == 'byte': self._lit = self.drawn['byte']; self.chars[self._lit].button_style = 'info'
+    if self._lit < len(self.chars): self.chars[self._lit].button_style = ''
+    if self.drawn['mode'] == 'byte':
+        self._lit = self.drawn['byte']
+        if self._lit < len(self.chars): self.chars[self._lit].button_style = 'info'
     shown = {k: v for k, v in self.drawn.items() if k not in ('path', 'layer', 'head', 'mode')}
     self.caption.value = html.escape(', '.join(f'{k} {round(v, 3) if isinstance(v, float) else v}' for k, v in shown.items()))
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_conversation.ipynb #083fb9f6
 from __future__ import annotations
-import codecs, io
+import codecs, io, re
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +16,9 @@ from .render import Picture, RenderConfig, render_page, to_image
 from .segments import N_BYTES, SPECIAL_TOKENS, Bytes, Pixels, count_positions, special
 
 # %% auto #0
-__all__ = ['ROLES', 'PART_TYPES', 'PICTURE_PATCHES', 'normalize', 'read_picture', 'conversation_segments', 'message_pages',
-           'conversation_positions', 'fit_conversation', 'generate_reply', 'ReplyText', 'stream_reply']
+__all__ = ['ROLES', 'PART_TYPES', 'PICTURE_PATCHES', 'TOOL_SPANS', 'normalize', 'read_picture', 'conversation_segments',
+           'message_pages', 'conversation_positions', 'fit_conversation', 'generate_reply', 'ReplyText', 'stream_reply',
+           'reply_message']
 
 # %% ../nbs/12_conversation.ipynb #30937cd4
 ROLES = ('system', 'user', 'assistant')
@@ -160,3 +161,17 @@ def stream_reply(engine: Engine, messages: list, max_tokens: int = 256, temperat
         if t is None or engine.finish_reasons[0] == 'stop': break
         if piece := text.push(t): yield piece
     if tail := text.flush(): yield tail
+
+# %% ../nbs/12_conversation.ipynb #036a4428
+TOOL_SPANS = re.compile(r'<\|tool_call_start\|>(.*?)<\|tool_call_end\|>|<\|tool_output_start\|>(.*?)<\|tool_output_end\|>', re.DOTALL)
+
+def reply_message(text: str) -> dict:
+    "The assistant message of a reply's text: each tool call and output named by its special tokens becomes its own part."
+    parts, at = [], 0
+    for span in TOOL_SPANS.finditer(text):
+        if span.start() > at: parts.append(text[at:span.start()])
+        kind, inner = ('tool_call', span[1]) if span[1] is not None else ('tool_output', span[2])
+        parts.append({'type': kind, 'text': inner})
+        at = span.end()
+    if at < len(text): parts.append(text[at:])
+    return {'role': 'assistant', 'content': parts[0] if len(parts) == 1 and isinstance(parts[0], str) else parts}

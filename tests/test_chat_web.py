@@ -232,6 +232,25 @@ def test_a_client_that_leaves_mid_batch_frees_its_slot_while_the_others_go_on(ba
     assert after['active_replies'] == 0 and after['disconnected'] - before['disconnected'] == 3
 
 
+def test_clients_that_give_up_in_the_queue_lose_no_slot(folder):
+    proc, url = start(folder, '--num_workers=1', '--max_batch=1', '--queue_timeout=30', '--temperature=0')
+    try:
+        with httpx.stream('POST', url + '/v1/chat/completions', json={**CHAT, 'max_tokens': 4096, 'stream': True}, timeout=60) as holder:
+            lines = holder.iter_lines()
+            next(lines)                                       # the one slot is taken
+            for _ in range(5):                                # five clients give up while they wait for it
+                with pytest.raises(httpx.ReadTimeout): httpx.post(url + '/v1/chat/completions', json=CHAT, timeout=httpx.Timeout(60, read=0.3))
+            deadline = time.time() + 10                       # each leaves the queue once the server sees it gone
+            def stats(): return httpx.get(url + '/stats').json()
+            while (stats()['waiting'] or stats()['disconnected'] < 5) and time.time() < deadline: time.sleep(0.05)
+            stats = stats()
+            assert stats['waiting'] == 0 and stats['disconnected'] == 5
+        answers = [post(url, CHAT).status_code for _ in range(3)]   # the slot came back, once, and only once
+        health = httpx.get(url + '/health').json()
+        assert answers == [200] * 3 and health['active_replies'] == 0 and health['idle_workers'] == 1
+    finally: stop(proc)
+
+
 @pytest.mark.parametrize('viewport', ['desktop', 'phone'])
 def test_the_page_in_a_browser(server, browser, tmp_path, viewport):
     with new_page(browser, **({'viewport': PHONE, 'is_mobile': True, 'has_touch': True} if viewport == 'phone' else {})) as page:

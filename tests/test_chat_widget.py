@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imagelm.chat_widget import AttentionWidget, ChatWidget, byte_labels, one_line, patch_position, show_chat, text_ids
+from imagelm.chat_widget import MAX_CHAR_BUTTONS, AttentionWidget, ChatWidget, byte_labels, one_line, patch_position, show_chat, text_ids
 from imagelm.conversation import conversation_segments, generate_reply
 from imagelm.engine import Engine
 from imagelm.model import ImageLM, ModelConfig, randomize_output_projections
@@ -307,6 +307,15 @@ def test_any_prompt_segments_and_several_pages(model):
     bytes_only.mode.value = 'path'
     assert bytes_only.drawn['points'] == 0
     with pytest.raises(ValueError, match='the reply is empty'): AttentionWidget(model, prompt, '')
+
+
+def test_a_long_reply_has_buttons_for_its_first_bytes_and_the_slider_for_all(model):
+    long = AttentionWidget(model, [Pixels('read this'), Bytes([SPECIAL_IDS['<|assistant_start|>']], train=False)], 'ab' * 150)
+    assert len(long.chars) == MAX_CHAR_BUTTONS and long.byte.max == 299
+    long.byte.value = 290                                   # past the buttons: drawn, no button lit
+    assert long.drawn['byte'] == 290 and all(b.button_style == '' for b in long.chars)
+    long.chars[3].click()
+    assert long.drawn['byte'] == 3 and long.chars[3].button_style == 'info'
 
 
 def test_the_attention_of_a_chat_reply(model, slow):
