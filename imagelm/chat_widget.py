@@ -40,14 +40,14 @@ _FRAME = 'border:1px solid #bbb;border-radius:3px;margin-left:1.2em'
 def user_html(text: str, page: Image.Image, thumb: int = 160) -> str:
     "A user turn: its text, and a thumbnail of the page the model read that opens to the full page when clicked."
     return (f'<details style="margin:4px 0"><summary style="cursor:pointer"><b>you</b> '
-            f'<span style="white-space:pre-wrap">{html.escape(text)}</span><br><img src="{png_uri(page, thumb)}" '
+            f'<span style="white-space:pre-wrap;overflow-wrap:anywhere">{html.escape(text)}</span><br><img src="{png_uri(page, thumb)}" '
             f'title="the page the model read: click for the full page" style="{_FRAME};vertical-align:top"></summary>'
             f'<img src="{png_uri(page)}" style="{_FRAME};max-width:100%"></details>')
 
 def reply_html(text: str, note: str = '') -> str:
     "An assistant turn: its text, escaped, and a note in grey (writing, stopped, an error)."
     note = f' <i style="color:#888">{html.escape(note)}</i>' if note else ''
-    return (f'<div style="margin:4px 0"><b>imagelm</b> <span style="white-space:pre-wrap;font-family:monospace">'
+    return (f'<div style="margin:4px 0"><b>imagelm</b> <span style="white-space:pre-wrap;overflow-wrap:anywhere;font-family:monospace">'
             f'{html.escape(text)}</span>{note}</div>')
 
 # %% ../nbs/24_chat_widget.ipynb #fd1a1919

@@ -15,7 +15,7 @@ def test_chat_then_attention_in_jupyterlab(page, tmp_path):
     notebook(tmp_path / 'chat.ipynb', f"""import os
 os.environ['IMAGELM_BASE_DIR'] = {str(tmp_path / 'base')!r}
 from imagelm.chat_widget import ChatWidget
-chat = ChatWidget.from_checkpoint('base', temperature=0.0, max_tokens=600)
+chat = ChatWidget.from_checkpoint('base', temperature=0.0, max_tokens=100_000)
 chat""")
     with jupyter_lab(tmp_path) as lab:
         open_notebook(page, lab, 'chat.ipynb')
@@ -39,6 +39,7 @@ chat""")
             app.shell.currentWidget.content.activeCell.model.sharedModel.setSource('eyes = chat.attention(dpi=60); eyes');
             await app.commands.execute('notebook:run-cell');
         }''')
-        wait_for(page, '.widget-output img', timeout=60_000)   # the heatmap, drawn into the widget
+        heatmap = wait_for(page, '.widget-output img', timeout=60_000)   # the heatmap, drawn into the widget
+        heatmap.scroll_into_view_if_needed()
         assert page.locator('.widget-slider').count() >= 1 and page.locator('.widget-dropdown').count() >= 2
         screenshot(page, 'chat_widget_attention')
