@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from . import __version__
 from .checkpoints import add_checkpoint_flags, load_model
 from .common import bounded
-from .conversation import (ReplyText, conversation_segments, fit_conversation, message_pages, read_picture,
+from .conversation import (ReplyText, conversation_segments, fit_conversation, message_pages, png_uri, read_picture,
                                   reply_message)
 from .engine import BatchDecoder
 from .model import ImageLM
@@ -31,7 +31,7 @@ from .train import autodetect_device
 __all__ = ['ROLE_NAMES', 'UNSUPPORTED', 'PAGE', 'Limits', 'ApiError', 'decode_data_url', 'request_picture', 'parse_messages',
            'ChatRequest', 'parse_request', 'Worker', 'WorkerPool', 'ReplyRun', 'completion_chunk', 'completion',
            'usage', 'sse', 'Stats', 'request_schema', 'read_json', 'ClientGone', 'until_gone', 'unless_gone',
-           'png_data_url', 'make_app', 'BackgroundServer', 'make_parser', 'worker_models', 'main']
+           'make_app', 'BackgroundServer', 'make_parser', 'worker_models', 'main']
 
 # %% ../nbs/25_chat_web.ipynb #529d18ae
 @dataclass(frozen=True)
@@ -615,10 +615,6 @@ async def unless_gone(request: Request, work):
     with contextlib.suppress(asyncio.CancelledError): await task
     raise ClientGone()
 
-def png_data_url(image: Image.Image) -> str:
-    buffer = io.BytesIO(); image.save(buffer, format='PNG')
-    return 'data:image/png;base64,' + base64.b64encode(buffer.getvalue()).decode()
-
 # %% ../nbs/25_chat_web.ipynb #5ba21b1a
 def make_app(models: list, model_id: str = 'imagelm', limits: Limits = Limits(), defaults: dict | None = None,
              timeout: float = 30.0, max_waiting: int = 64, max_batch: int = 8) -> FastAPI:
@@ -661,7 +657,7 @@ def make_app(models: list, model_id: str = 'imagelm', limits: Limits = Limits(),
     async def render(request: Request):
         body = await read_json(request, limits)
         messages = parse_messages(body.get('messages') if isinstance(body, dict) else None, limits, reply=False)
-        return {'pages': [png_data_url(page) for page in await run_in_threadpool(message_pages, messages, cfg.render)]}
+        return {'pages': [png_uri(page) for page in await run_in_threadpool(message_pages, messages, cfg.render)]}
 
     @app.post('/v1/chat/completions', openapi_extra={'requestBody': {'required': True, 'content': {'application/json': {'schema': request_schema(limits)}}}})
     async def chat_completions(request: Request):

@@ -16,25 +16,17 @@ from PIL import Image
 
 from .attention import AttentionMaps, attention_maps, page_heatmap, reading_path, show_heatmap, show_reading_path
 from .checkpoints import load_model
-from .conversation import conversation_segments, fit_conversation, message_pages, read_picture, reply_message, stream_reply
+from .conversation import conversation_segments, fit_conversation, message_pages, png_uri, read_picture, reply_message, stream_reply
 from .engine import Engine
 from .segments import N_BYTES, SPECIAL_IDS, SPECIAL_TOKENS, Bytes
 from .train import STAGES
 
 # %% auto #0
-__all__ = ['ENDINGS', 'SHORT_NAMES', 'SHOWN_CHARS', 'MAX_CHAR_BUTTONS', 'png_uri', 'user_html', 'reply_html', 'one_line',
-           'ChatWidget', 'show_chat', 'byte_labels', 'text_ids', 'patch_position', 'page_rows', 'bytes_before',
-           'show_byte_strip', 'AttentionWidget']
+__all__ = ['ENDINGS', 'SHORT_NAMES', 'SHOWN_CHARS', 'MAX_CHAR_BUTTONS', 'user_html', 'reply_html', 'one_line', 'ChatWidget',
+           'show_chat', 'byte_labels', 'text_ids', 'patch_position', 'page_rows', 'bytes_before', 'show_byte_strip',
+           'AttentionWidget']
 
 # %% ../nbs/24_chat_widget.ipynb #189bb3b9
-def png_uri(image: Image.Image, width: int | None = None) -> str:
-    "`image` as a base64 PNG data URI, scaled down to `width` pixels wide when given."
-    if width is not None and width < image.width:
-        image = image.resize((width, max(1, round(image.height * width / image.width))), Image.LANCZOS)
-    buffer = io.BytesIO()
-    image.save(buffer, format='PNG', optimize=True)
-    return 'data:image/png;base64,' + base64.b64encode(buffer.getvalue()).decode()
-
 _FRAME = 'border:1px solid #bbb;border-radius:3px;margin-left:1.2em'
 
 def user_html(text: str, page: Image.Image, thumb: int = 160) -> str:

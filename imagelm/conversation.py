@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_conversation.ipynb #083fb9f6
 from __future__ import annotations
-import codecs, io, re
+import base64, codecs, io, re
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +17,8 @@ from .segments import N_BYTES, SPECIAL_TOKENS, Bytes, Pixels, count_positions, s
 
 # %% auto #0
 __all__ = ['ROLES', 'PART_TYPES', 'PICTURE_PATCHES', 'TOOL_SPANS', 'normalize', 'read_picture', 'conversation_segments',
-           'message_pages', 'conversation_positions', 'fit_conversation', 'generate_reply', 'ReplyText', 'stream_reply',
-           'reply_message']
+           'message_pages', 'png_uri', 'conversation_positions', 'fit_conversation', 'generate_reply', 'ReplyText',
+           'stream_reply', 'reply_message']
 
 # %% ../nbs/12_conversation.ipynb #30937cd4
 ROLES = ('system', 'user', 'assistant')
@@ -106,6 +106,14 @@ def message_pages(messages: list, cfg: RenderConfig = RenderConfig()) -> list:
     "The page of each system and user message of `messages`, rendered with `cfg`, as PIL images (black ink on white)."
     segments = conversation_segments(messages)
     return [to_image(render_page(s.content, cfg)[0]) for s in segments if isinstance(s, Pixels)]
+
+def png_uri(image: Image.Image, width: int | None = None) -> str:
+    "`image` as a base64 PNG data URI, scaled down to `width` pixels wide when given."
+    if width is not None and width < image.width:
+        image = image.resize((width, max(1, round(image.height * width / image.width))), Image.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format='PNG', optimize=True)
+    return 'data:image/png;base64,' + base64.b64encode(buffer.getvalue()).decode()
 
 # %% ../nbs/12_conversation.ipynb #6439a485
 def conversation_positions(messages: list, cfg: ModelConfig, reply: bool = True) -> int:
