@@ -8,11 +8,13 @@ import argparse, json, os, signal, sys, time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from fastcore.imports import IN_NOTEBOOK
 
 from .common import all_reduce_sum, autocast_dtype, autocast_for
 from .dataloader import DataConfig, PretrainLoader
+from .dataset import chars_per_position, repeat_warning
 from .engine import Engine
 from .model import ImageLM, ModelConfig
 from .optim import OptimConfig, schedule_optimizers, setup_optimizers
@@ -25,8 +27,8 @@ from .train import (Process, append_report, checkpoint_dir, evaluate_bpb, init_p
 # %% auto #0
 __all__ = ['PRESETS', 'SAMPLE_PROMPTS', 'STAGE_TITLES', 'add_model_flags', 'add_optim_flags', 'add_run_flags', 'add_device_flags',
            'make_parser', 'parse_args', 'model_config', 'optim_config', 'grad_accum_steps', 'sample_completions', 'Run',
-           'setup', 'schedule_at', 'step_once', 'step_line', 'evaluate', 'save', 'restore', 'start_wandb', 'finish',
-           'base_samples', 'train', 'main']
+           'setup', 'schedule_at', 'step_once', 'step_line', 'evaluate', 'save', 'restore', 'start_wandb',
+           'run_summary', 'finish', 'base_samples', 'train', 'main']
 
 # %% ../nbs/09_base_train.ipynb #487a0023
 def add_model_flags(a):
@@ -87,12 +89,15 @@ PRESETS = {
                 eval_every=500, eval_batches=16, sample_every=1000, save_every=500, log_every=50),
     'gpu': dict(depth=20, max_seq_len=2048, device_batch_size=32, eval_every=250, eval_batches=16,
                 sample_every=1000, save_every=1000),
+    'smoke': dict(depth=2, max_seq_len=256, device_batch_size=4, num_iterations=40, eval_every=0, eval_batches=2,
+                  sample_every=0, save_every=20, log_every=10),
 }
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='python -m imagelm.base_train', description='Pretrain an ImageLM: pages of pixels in, UTF-8 bytes out.')
     p.add_argument('--preset', choices=list(PRESETS), default=None,
-                   help='start from a named set of flag values (cpu: the CPU speedrun; gpu: a GPU node); other flags override it')
+                   help='start from a named set of flag values (cpu: the CPU speedrun; gpu: a GPU node; smoke: every code path in seconds); '
+                        'other flags override it')
     for add in (add_model_flags, add_optim_flags, add_run_flags, add_device_flags): add(p.add_argument)
     return p
 
@@ -181,6 +186,10 @@ def setup(args) -> Run:
     peak_flops(proc.device)   # measured now, before loader threads compete for the cores, and kept for the MFU figures
     data_cfg = DataConfig.from_model(cfg, source=args.data, batch_rows=args.device_batch_size, pixel_chars=args.pixel_chars,
                                      byte_chars=args.byte_chars, seed=args.seed)
+    if proc.master and args.data != 'embedded':
+        warning = repeat_warning(num_iterations * per_step * chars_per_position(data_cfg, rows=64),
+                                 None if args.data == 'parquet' else args.data)
+        if warning: print(warning, flush=True)
     shards = grad_accum * proc.world_size
     loaders = [PretrainLoader(data_cfg, rank=proc.rank * grad_accum + m, world_size=shards, device=proc.device,
                               prefetch=bool(args.prefetch)) for m in range(grad_accum)]
@@ -219,6 +228,7 @@ def step_once(run: Run, step: int) -> dict:
     run.trained_s += seconds
     record = dict(step=step, loss=loss / run.proc.world_size, lrm=lrm, positions_per_s=positions / seconds, chars_per_s=chars / seconds,
                   mfu=mfu(flops, seconds, run.proc.device, run.proc.world_size), loader_share=books['wait_s'] / seconds, ms=1000 * seconds)
+    if run.proc.device.startswith('cuda'): record['peak_memory_gb'] = torch.cuda.max_memory_allocated() / 1e9
     return record | ({'reward': reward[0] / reward[1]} if reward else {})
 
 def step_line(record: dict, num_iterations: int) -> str:
@@ -226,7 +236,7 @@ def step_line(record: dict, num_iterations: int) -> str:
     r = record
     return (f"step {r['step']:05d}/{num_iterations:05d} | loss {r['loss']:.4f} | lrm {r['lrm']:.2f} | {r['positions_per_s']:,.0f} pos/s | "
             f"{r['chars_per_s']:,.0f} chars/s | mfu {100 * r['mfu']:.1f}% | loader {100 * r['loader_share']:.1f}% | {r['ms']:.0f} ms"
-            + (f" | reward {r['reward']:.3f}" if 'reward' in r else ''))
+            + (f" | reward {r['reward']:.3f}" if 'reward' in r else '') + (f" | {r['peak_memory_gb']:.1f} GB" if 'peak_memory_gb' in r else ''))
 
 # %% ../nbs/09_base_train.ipynb #73705100
 def evaluate(run: Run) -> float:
@@ -276,23 +286,39 @@ def start_wandb(args, cfg: ModelConfig):
 # %% ../nbs/09_base_train.ipynb #2b6a2086
 STAGE_TITLES = {'base': 'Base training', 'mid': 'Midtraining', 'sft': 'Supervised fine-tuning', 'rl': 'Reinforcement learning'}
 
+def run_summary(run: Run, last_step: int) -> dict:
+    "The run's headline figures: steps, final val bpb, parameters, minutes, and the median throughput and MFU of its logged steps."
+    val, log = run.history['val_bpb'], run.history['log'][1:] or run.history['log']   # the first step pays for warm-up
+    median = lambda key: float(np.median([r[key] for r in log])) if log and key in log[0] else None
+    return {'steps': last_step + 1, 'final_val_bpb': val[-1][1] if val else None, 'parameters': run.n_params,
+            'minutes': run.trained_s / 60, 'positions_per_s': median('positions_per_s'), 'chars_per_s': median('chars_per_s'),
+            'mfu': median('mfu'), 'peak_memory_gb': max((r['peak_memory_gb'] for r in log if 'peak_memory_gb' in r), default=None)}
+
 def finish(run: Run, last_step: int) -> dict:
-    "Close the loaders; rank 0 draws the curves and appends the report. The run's figures."
+    "Close the loaders; rank 0 draws the curves and writes the stage's report section. The run's figures."
     for loader in run.loaders: loader.close()
-    val, rewards = run.history['val_bpb'], [r['reward'] for r in run.history['log'] if 'reward' in r]
-    figures = {'steps': last_step + 1, 'final_val_bpb': val[-1][1] if val else None, 'parameters': run.n_params,
-               'minutes': run.trained_s / 60}
+    rewards = [r['reward'] for r in run.history['log'] if 'reward' in r]
+    figures, a, c = run_summary(run, last_step), run.args, run.cfg
     if run.proc.master and last_step >= run.start_step:
-        png = plot_curves(run.history, run.ckpt_root / 'curves.png', title=f'{STAGE_TITLES[run.stage].lower()}, depth {run.cfg.depth}')
-        append_report(STAGE_TITLES[run.stage], [
-            f'- run: {run.args.run}, depth {run.cfg.depth}, {run.n_params:,} parameters, k={run.cfg.render.chars_per_patch}',
+        png = plot_curves(run.history, run.ckpt_root / 'curves.png', title=f'{STAGE_TITLES[run.stage].lower()}, depth {c.depth}')
+        throughput = (f"- throughput: {figures['positions_per_s']:,.0f} positions/s, {figures['chars_per_s']:,.0f} characters/s, "
+                      f"MFU {100 * figures['mfu']:.1f}%" if figures['mfu'] is not None else '- throughput: no step logged')
+        append_report(f'{run.stage}_train', STAGE_TITLES[run.stage], [
+            f'- run: {a.run}, depth {c.depth}, width {c.d_model}, {run.n_params:,} parameters, k={c.render.chars_per_patch}, '
+            f'{c.seq_len} positions per row',
+            f'- config: {run.proc.world_size} x {run.grad_accum} micro-batches of {a.device_batch_size} rows, '
+            f'matrix lr {a.matrix_lr}, data {a.data}, {run.proc.device} {autocast_dtype(run.proc.device, a.dtype)}',
             f'- steps: {last_step + 1} of {run.num_iterations}, {run.positions_per_step:,} positions each, {run.trained_s / 60:.1f} min',
-            f"- final val bits per byte: {figures['final_val_bpb']:.4f}" if val else '- no evaluation',
+            throughput + (f", peak memory {figures['peak_memory_gb']:.1f} GB" if figures['peak_memory_gb'] else ''),
+            f"- final val bits per byte: {figures['final_val_bpb']:.4f}" if figures['final_val_bpb'] is not None else '- no evaluation',
             *([f'- mean reward of sampled replies: {rewards[0]:.3f} at the first logged step, {rewards[-1]:.3f} at the last']
-              if rewards else []),
-            f'- curves: {png}'])
+              if rewards else [])],
+            metrics={'val_bpb': figures['final_val_bpb'], 'train_minutes': figures['minutes'], 'mfu': figures['mfu'],
+                     **({'reward': rewards[-1]} if rewards else {})},
+            stage=run.stage, wall_s=run.trained_s, figures=[png])
         run.log(f'done: {json.dumps(figures)} | curves {png}')
     return figures
+
 
 # %% ../nbs/09_base_train.ipynb #ae490e15
 def base_samples(model: ImageLM) -> list:

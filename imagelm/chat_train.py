@@ -80,14 +80,22 @@ GPU_MIX = {   # the downloaded datasets (python -m imagelm.chat_datasets) with t
     'rl': 'gsm8k=1',
 }
 CHAT_PRESETS = {
-    'mid': {'cpu': dict(device_batch_size=8, num_iterations=4000, time_budget=11.0, eval_every=1000, eval_batches=8, log_every=100),
-            'gpu': dict(device_batch_size=32, num_iterations=1500, eval_every=250, eval_batches=16, log_every=10, mix=GPU_MIX['mid'])},
-    'sft': {'cpu': dict(device_batch_size=8, num_iterations=1500, time_budget=4.0, eval_every=1000, eval_batches=8, log_every=100),
-            'gpu': dict(device_batch_size=32, num_iterations=700, eval_every=250, eval_batches=16, log_every=10, mix=GPU_MIX['sft'])},
+    'mid': {'cpu': dict(device_batch_size=8, num_iterations=4000, time_budget=11.0, eval_every=1000, eval_batches=8, log_every=100,
+                        save_every=500),
+            'gpu': dict(device_batch_size=32, num_iterations=1500, eval_every=250, eval_batches=16, log_every=10, save_every=500,
+                        mix=GPU_MIX['mid']),
+            'smoke': dict(device_batch_size=4, num_iterations=30, eval_every=0, eval_batches=2, log_every=10, save_every=15)},
+    'sft': {'cpu': dict(device_batch_size=8, num_iterations=1500, time_budget=4.0, eval_every=1000, eval_batches=8, log_every=100,
+                        save_every=500),
+            'gpu': dict(device_batch_size=32, num_iterations=700, eval_every=250, eval_batches=16, log_every=10, save_every=250,
+                        mix=GPU_MIX['sft']),
+            'smoke': dict(device_batch_size=4, num_iterations=30, eval_every=0, eval_batches=2, log_every=10, save_every=15)},
     'rl': {'cpu': dict(device_batch_size=8, num_samples=8, max_tokens=16, num_iterations=300, time_budget=3.0, eval_every=100,
-                       eval_batches=8, log_every=10, matrix_lr=0.002, embedding_lr=0.02, unembedding_lr=0.0004, prefetch=0),
+                       eval_batches=8, log_every=10, save_every=100, matrix_lr=0.002, embedding_lr=0.02, unembedding_lr=0.0004, prefetch=0),
            'gpu': dict(device_batch_size=16, num_samples=16, max_tokens=256, num_iterations=500, eval_every=100, eval_batches=16,
-                       log_every=5, matrix_lr=0.002, embedding_lr=0.02, unembedding_lr=0.0004, prefetch=0, mix=GPU_MIX['rl'])},
+                       log_every=5, save_every=100, matrix_lr=0.002, embedding_lr=0.02, unembedding_lr=0.0004, prefetch=0, mix=GPU_MIX['rl']),
+           'smoke': dict(device_batch_size=2, num_samples=4, max_tokens=8, num_iterations=4, eval_every=0, eval_batches=2, log_every=1,
+                         save_every=2, prefetch=0)},
 }
 
 def make_chat_parser(stage: str, add_flags=None) -> argparse.ArgumentParser:

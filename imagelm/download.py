@@ -35,7 +35,9 @@ class _Retry(Exception):
 def valid_parquet(path: Path) -> None:
     "Raise ValueError unless `path` is a readable parquet file (its magic bytes and its footer)."
     import pyarrow.parquet as pq
-    data = path.read_bytes()[:4] + path.read_bytes()[-4:] if path.stat().st_size >= 8 else b''
+    data = b''
+    if path.stat().st_size >= 8:
+        with open(path, 'rb') as f: data = f.read(4) + (f.seek(-4, os.SEEK_END), f.read(4))[1]
     if data != b'PAR1PAR1': raise ValueError(f'{path.name} is not a parquet file (no PAR1 magic at both ends)')
     try: pq.ParquetFile(path).metadata
     except Exception as error: raise ValueError(f'{path.name} is not a readable parquet file: {error}') from None

@@ -112,7 +112,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             from torch.nn.attention.flex_attention import flex_attention
-            y = flex_attention(q, k, v, block_mask=mask)
+            y = flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=mask)   # compiled for CPU, views read wrong
         return self.proj(y.transpose(1, 2).reshape(B, T, c.d_model))
 
 # %% ../nbs/04_model.ipynb #88f6ddaa

@@ -20,11 +20,12 @@ __all__ = ['NS_COEFFS', 'zeropower_via_newtonschulz5', 'muon_update', 'Muon', 'a
 NS_COEFFS = (3.4445, -4.7750, 2.0315)   # (a, b, c) of the quintic a x + b x^3 + c x^5
 
 # %% ../nbs/06_optim.ipynb #4503f5b5
-def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    "Approximate the orthogonal polar factor U V^T of G = U S V^T (..., m, n) with `steps` quintic Newton-Schulz steps."
+def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None
+                                ) -> torch.Tensor:
+    "The orthogonal polar factor U V^T of G = U S V^T (..., m, n) by `steps` quintic Newton-Schulz steps in `dtype` (default bf16 on CUDA, else f32)."
     if G.ndim < 2: raise ValueError(f"Newton-Schulz needs a matrix (..., m, n), got shape {tuple(G.shape)}")
     a, b, c = NS_COEFFS
-    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    X = G.to(dtype or (torch.bfloat16 if G.is_cuda else torch.float32))
     tall = G.size(-2) > G.size(-1)
     if tall: X = X.mT                                           # work on the wide side: X X^T is the smaller Gram
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)          # Frobenius norm >= spectral norm: singular values <= 1

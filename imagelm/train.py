@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_train.ipynb #658d05bc
 from __future__ import annotations
-import json, math, os, random, shutil, time
+import json, math, os, random, re, shutil, time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +21,7 @@ from .segments import IGNORE_INDEX, N_BYTES
 __all__ = ['GPU_PEAK_FLOPS', 'STAGES', 'autodetect_device', 'Process', 'init_process', 'shutdown_process', 'seed_everything',
            'rng_state', 'set_rng_state', 'lr_multiplier', 'evaluate_bpb', 'measure_matmul_flops', 'peak_flops', 'mfu',
            'train_step', 'checkpoint_dir', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'plot_curves',
-           'append_report']
+           'report_dir', 'append_report']
 
 # %% ../nbs/08_train.ipynb #dba0f621
 def autodetect_device() -> str:
@@ -97,7 +97,8 @@ def evaluate_bpb(model, batches, autocast=nullcontext) -> float:
     return nats / (math.log(2) * n_bytes)
 
 # %% ../nbs/08_train.ipynb #1572465d
-GPU_PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12, 'RTX 4090': 165e12}
+GPU_PEAK_FLOPS = {'H100': 989e12, 'H100 PCIe': 756e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'L40': 181e12, 'L40S': 362e12,
+                  'A10': 125e12, 'A10G': 70e12, 'RTX 4090': 165e12}   # dense bf16, from the datasheets
 
 def measure_matmul_flops(device, n: int = 1024, trials: int = 5, seconds: float = 0.1) -> float:
     "The best FLOP/s over `trials` runs of `seconds` of n x n matmuls (float32 on CPU, bf16 on CUDA): the least disturbed."
@@ -124,8 +125,8 @@ def peak_flops(device) -> float:
     key = _peak_key(device)
     if key not in _peaks:
         name = torch.cuda.get_device_name(torch.device(device)) if str(device).startswith('cuda') else ''
-        known = [value for gpu, value in GPU_PEAK_FLOPS.items() if gpu in name]
-        _peaks[key] = known[0] if known else measure_matmul_flops(device)
+        known = max((gpu for gpu in GPU_PEAK_FLOPS if gpu in name), key=len, default=None)   # the most specific name
+        _peaks[key] = GPU_PEAK_FLOPS[known] if known else measure_matmul_flops(device)
     return _peaks[key]
 
 def mfu(flops: float, seconds: float, device, world_size: int = 1) -> float:
@@ -225,9 +226,22 @@ def plot_curves(history: dict, path, title: str = 'training') -> Path:
     return path
 
 # %% ../nbs/08_train.ipynb #4ec231ad
-def append_report(section: str, lines: list, path=None) -> Path:
-    "Append a markdown section to report.md (default: in the base folder)."
-    path = Path(path) if path else get_base_dir() / 'report.md'
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'a') as f: f.write(f'\n## {section}\n\n' + '\n'.join(lines) + '\n')
-    return path
+def report_dir() -> Path:
+    "Where the report's sections and figures live: `<base dir>/report`."
+    return get_base_dir() / 'report'
+
+def append_report(key: str, title: str, lines: list, metrics: dict | None = None, stage: str | None = None,
+                  wall_s: float | None = None, figures=(), folder=None) -> Path:
+    "Write report section `key` (again: replaced): `<key>.md` with its title, lines and figures, `<key>.json` with its metrics."
+    if not re.fullmatch(r'[a-z0-9_]+', key): raise ValueError(f"report key {key!r}: use lower-case letters, digits and '_'")
+    folder = Path(folder) if folder else report_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    body = [f'## {title}', '', *lines]
+    for figure in map(Path, figures):
+        name = f'{key}_{figure.name}'
+        atomic_write(folder / name, figure.read_bytes())
+        body += ['', f'![{figure.stem}]({name})']
+    atomic_write(folder / f'{key}.md', '\n'.join(body) + '\n')
+    save_json({'key': key, 'title': title, 'stage': stage, 'metrics': metrics or {}, 'wall_s': wall_s, 'written': time.time()},
+              folder / f'{key}.json')
+    return folder / f'{key}.md'

@@ -264,6 +264,7 @@ def test_render_page_and_to_image():
     assert img.mode == 'RGB' and np.array_equal(np.asarray(img), 255 - page.permute(1, 2, 0).numpy())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
 def test_cuda_equals_cpu():
     r = random.Random(4)
