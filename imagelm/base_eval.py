@@ -12,7 +12,7 @@ import torch
 from fastcore.imports import IN_NOTEBOOK
 
 from .base_train import base_samples
-from .baselines import KINDS, homoglyph_eval, make_model, val_pieces
+from .baselines import FULLWIDTH, KINDS, homoglyph_eval, make_model, pieces_bpb, swap_pages, val_pieces
 from .chat_eval import val_batches
 from .checkpoints import checkpoint_config, load_model
 from .common import AUTOCAST_DTYPES, all_reduce_sum, atomic_write, autocast_for, bounded, get_base_dir, save_json
@@ -27,10 +27,12 @@ __all__ = ['homoglyph_robustness', 'save_baseline', 'load_baseline', 'fetch_bund
 
 # %% ../nbs/28_base_eval.ipynb #f1d7a8cf
 def homoglyph_robustness(models: dict, pieces: list, rate: float = 1.0, seed: int = 0, autocast=nullcontext, device='cpu') -> dict:
-    "For each named model: val bpb on `pieces` with clean and with homoglyph-swapped pages, their ratio and difference."
+    "For each named model: val bpb on `pieces` clean, with look-alikes and with full-width letters swapped in; ratios to clean."
     measured = homoglyph_eval(models, pieces, rate, seed, autocast=autocast)
-    for r in measured.values():
+    for name, r in measured.items():
         r['ratio'] = r['swapped'] / r['clean']
+        r['fullwidth'] = pieces_bpb(models[name], swap_pages(pieces, rate, seed, FULLWIDTH), autocast=autocast)
+        r['fullwidth_ratio'] = r['fullwidth'] / r['clean']
         r['windowed'] = int(all_reduce_sum([r['windowed']], device)[0])   # pieces read in sliding windows, over all ranks
     return measured
 
@@ -90,16 +92,19 @@ def report_metrics(measured: dict) -> dict:
     metrics = {'val_bpb': measured['val_bpb']}
     if 'core' in measured: metrics['CORE'] = measured['core']['CORE']
     for name, r in measured.get('homoglyph', {}).items():
-        metrics['homoglyph_bpb_ratio' if name == 'imagelm' else f'{name}_homoglyph_bpb_ratio'] = r['ratio']
+        prefix = '' if name == 'imagelm' else f'{name}_'
+        metrics.update({f'{prefix}homoglyph_bpb_ratio': r['ratio'], f'{prefix}fullwidth_bpb_ratio': r['fullwidth_ratio']})
     return metrics
 
 def report_lines(measured: dict, max_per_task: int | None = None) -> list:
     "Markdown lines of `measured` (from `evaluate_base`)."
     lines = [f"- val bits per byte: {measured['val_bpb']:.4f}"]
     if 'homoglyph' in measured:
-        lines += ['', f"Homoglyphs (look-alike letters swapped in at rate {measured['homoglyph_rate']:g}; the targets unchanged):", '',
-                  '| model | val bpb, clean | swapped | ratio |', '|---|---|---|---|']
-        lines += [f"| {name} | {r['clean']:.4f} | {r['swapped']:.4f} | {r['ratio']:.3f} |" for name, r in measured['homoglyph'].items()]
+        lines += ['', f"Homoglyphs (letters swapped at rate {measured['homoglyph_rate']:g} for Cyrillic and Greek look-alikes, which the font "
+                  "draws as the Latin letters, or for full-width letters, which it draws as fallback boxes; the targets unchanged):", '',
+                  '| model | val bpb, clean | look-alikes | ratio | full-width | ratio |', '|---|---|---|---|---|---|']
+        lines += [f"| {name} | {r['clean']:.4f} | {r['swapped']:.4f} | {r['ratio']:.3f} | {r['fullwidth']:.4f} | {r['fullwidth_ratio']:.3f} |"
+                  for name, r in measured['homoglyph'].items()]
     if 'core' in measured: lines += ['', *core_lines(measured['core'], max_per_task)]
     elif 'core_skipped' in measured: lines += ['', f"- CORE: not measured ({measured['core_skipped']})"]
     if measured.get('samples'): lines += ['', 'Samples (greedy):', ''] + [f'- {p!r} -> {s!r}' for p, s in measured['samples']]

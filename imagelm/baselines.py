@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_baselines.ipynb #ee0eef5d
 from __future__ import annotations
-import time
+import string, time
 from contextlib import nullcontext
 
 import numpy as np
@@ -24,11 +24,12 @@ from .segments import IGNORE_INDEX, N_BYTES, Bytes, Pixels, SegmentBatch, greedy
 from .train import evaluate_bpb, lr_multiplier, train_step
 
 # %% auto #0
-__all__ = ['HOMOGLYPHS', 'UNHOMOGLYPHS', 'KINDS', 'CONTINUE', 'BOS_ID', 'LOOK_ALIKES', 'homoglyph_swap', 'homoglyph_unswap',
-           'page_text', 'packed_slot_codepoints', 'utf8_bytes', 'batch_slot_bytes', 'SlotByteEmbedding', 'BytePatchLM',
-           'BlankSpaceBytePatchLM', 'ByteGPT', 'make_model', 'model_format', 'byte_gpt_segments', 'batch_pieces',
-           'val_pieces', 'swap_pages', 'byte_windows', 'pack_pieces', 'bytes_length', 'byte_seq_len_for', 'ByteLoader',
-           'model_batches', 'pieces_bpb', 'train_baseline', 'homoglyph_eval', 'char_vectors', 'look_alike_cosines']
+__all__ = ['HOMOGLYPHS', 'UNHOMOGLYPHS', 'FULLWIDTH', 'KINDS', 'CONTINUE', 'BOS_ID', 'LOOK_ALIKES', 'homoglyph_swap',
+           'homoglyph_unswap', 'page_text', 'packed_slot_codepoints', 'utf8_bytes', 'batch_slot_bytes',
+           'SlotByteEmbedding', 'BytePatchLM', 'BlankSpaceBytePatchLM', 'ByteGPT', 'make_model', 'model_format',
+           'byte_gpt_segments', 'batch_pieces', 'val_pieces', 'swap_pages', 'byte_windows', 'pack_pieces',
+           'bytes_length', 'byte_seq_len_for', 'ByteLoader', 'model_batches', 'pieces_bpb', 'train_baseline',
+           'homoglyph_eval', 'char_vectors', 'look_alike_cosines']
 
 # %% ../nbs/10_baselines.ipynb #c79363ea
 HOMOGLYPHS = {
@@ -38,13 +39,14 @@ HOMOGLYPHS = {
     'K': '\u039a', 'M': '\u039c', 'N': '\u039d', 'O': '\u039f', 'P': '\u03a1', 'S': '\u0405', 'T': '\u03a4',
     'X': '\u03a7', 'Y': '\u03a5', 'Z': '\u0396'}
 UNHOMOGLYPHS = {v: k for k, v in HOMOGLYPHS.items()}
+FULLWIDTH = {ch: chr(ord(ch) + 0xFEE0) for ch in string.ascii_letters}   # 'A' -> U+FF21 'Ａ', the letters of CJK text
 
-def homoglyph_swap(text: str, rate: float = 1.0, seed: int = 0) -> str:
-    "`text` with a share `rate` of its letters that have a look-alike (`HOMOGLYPHS`) replaced by it; places drawn from `seed`."
+def homoglyph_swap(text: str, rate: float = 1.0, seed: int = 0, table: dict = HOMOGLYPHS) -> str:
+    "`text` with a share `rate` of its letters that have a look-alike in `table` replaced by it; places drawn from `seed`."
     if not 0 <= rate <= 1: raise ValueError(f"rate must be in [0, 1], got {rate!r}")
     if not text or rate == 0: return text
     draw = np.random.default_rng(seed).random(len(text))
-    return ''.join(HOMOGLYPHS.get(ch, ch) if u < rate else ch for ch, u in zip(text, draw))
+    return ''.join(table.get(ch, ch) if u < rate else ch for ch, u in zip(text, draw))
 
 def homoglyph_unswap(text: str) -> str:
     "Undo `homoglyph_swap`: every look-alike of `HOMOGLYPHS` back to its Latin letter."
@@ -225,14 +227,14 @@ def val_pieces(batches: list) -> list:
     return [p for b in batches for p in batch_pieces(b)]
 
 # %% ../nbs/10_baselines.ipynb #fddf6330
-def swap_pages(pieces: list, rate: float, seed: int = 0) -> list:
-    "`pieces` with homoglyphs swapped into every page's text (page i drawn with seed `hash_key(seed, i)`); bytes untouched."
+def swap_pages(pieces: list, rate: float, seed: int = 0, table: dict = HOMOGLYPHS) -> list:
+    "`pieces` with look-alikes of `table` swapped into every page's text (page i drawn with seed `hash_key(seed, i)`); bytes untouched."
     out, page = [], 0
     for segments in pieces:
         new = []
         for seg in segments:
             if isinstance(seg, Pixels):
-                seg = Pixels(homoglyph_swap(page_text(seg.content), rate, hash_key(seed, page) % 2**32)); page += 1
+                seg = Pixels(homoglyph_swap(page_text(seg.content), rate, hash_key(seed, page) % 2**32, table)); page += 1
             new.append(seg)
         out.append(new)
     return out

@@ -63,8 +63,9 @@ def test_the_cli_end_to_end(setup):
     assert set(measured['homoglyph']) == {'imagelm', 'byte_baseline'} and measured['homoglyph']['imagelm']['ratio'] == 1.0
     assert len(measured['samples']) == 4
     section = json.loads((folder / 'report' / 'base_eval.json').read_text())
-    assert section['stage'] == 'base' and set(section['metrics']) == {'val_bpb', 'CORE', 'homoglyph_bpb_ratio',
-                                                                      'byte_baseline_homoglyph_bpb_ratio'}
+    assert section['stage'] == 'base' and set(section['metrics']) == {'val_bpb', 'CORE', 'homoglyph_bpb_ratio', 'fullwidth_bpb_ratio',
+                                                                      'byte_baseline_homoglyph_bpb_ratio', 'byte_baseline_fullwidth_bpb_ratio'}
+    assert measured['homoglyph']['imagelm']['fullwidth_ratio'] != 1.0                 # fallback boxes are a different picture
     assert section['metrics']['CORE'] == measured['core']['CORE'] and (folder / 'report' / 'base_eval_base_tiny_1_core_example.png').exists()
     report = (folder / 'report' / 'base_eval.md').read_text()
     assert 'GPT-2 (1.5B) 0.2565' in report and '| byte_baseline |' in report and 'CORE' in stdout
@@ -90,5 +91,5 @@ def test_two_gloo_processes_give_the_figures_of_one(setup):
     assert two['val_bpb'] == pytest.approx(one['val_bpb'], rel=1e-6)
     assert {k: r['accuracy'] for k, r in two['core']['tasks'].items()} == {k: r['accuracy'] for k, r in one['core']['tasks'].items()}
     for name in ('imagelm', 'byte_baseline'):
-        for key in ('clean', 'swapped'): assert two['homoglyph'][name][key] == pytest.approx(one['homoglyph'][name][key], rel=1e-5)
+        for key in ('clean', 'swapped', 'fullwidth'): assert two['homoglyph'][name][key] == pytest.approx(one['homoglyph'][name][key], rel=1e-5)
     assert two['homoglyph']['byte_baseline']['windowed'] == one['homoglyph']['byte_baseline']['windowed']
