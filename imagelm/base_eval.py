@@ -141,7 +141,8 @@ def main(argv=None) -> dict:
     run_name, step = Path(meta['path']).parent.name, meta['step']
     baseline = load_baseline(args.byte_baseline, proc.device)[0] if args.byte_baseline else None
     autocast = autocast_for(proc.device, args.dtype)
-    bundle, why = fetch_bundle(args.bundle_url, proc.rank, proc.device) if args.core else (None, None)
+    bundle, why = fetch_bundle(args.bundle_url, proc.rank, proc.device) if args.core else \
+        (None, 'turned off with --core=0; python -m imagelm.core_eval --download_only=1 fetches the bundle')
     if why and log: log(f'CORE skipped: {why}')
     measured = evaluate_base(model, args.val_batches, bundle, args.max_per_task, args.homoglyph_rate, baseline, bool(args.samples),
                              proc.rank, proc.world_size, autocast, log)
