@@ -38,8 +38,9 @@ def test_base_then_mid_then_sft(based):
     assert 'Supervised fine-tuning of ImageLM' in out.stdout and '  sample | Read this back:' in out.stdout
     meta = json.loads(sorted((based / 'checkpoints' / 'sft' / 'tiny').glob('step_*'))[-1].joinpath('meta.json').read_text())
     assert meta['stage'] == 'sft' and meta['args']['source'].endswith('step_000003') and meta['args']['depth'] == 1
-    report = (based / 'report.md').read_text()
-    assert report.index('## Base training') < report.index('## Midtraining') < report.index('## Supervised fine-tuning')
+    run(based, 'report', 'generate')
+    text = (based / 'report' / 'report.md').read_text()
+    assert text.index('## Base training') < text.index('## Midtraining') < text.index('## Supervised fine-tuning') < text.index('## Summary')
 
 
 def test_two_gloo_processes_match_one_process_with_accumulation(based):

@@ -92,7 +92,8 @@ def test_loss_goes_down_on_the_embedded_corpus(tmp_path):
     assert last < 0.7 * first, (first, last)
     assert history['val_bpb'][-1][1] < 6.0
     assert (tmp_path / 'checkpoints' / 'base' / 'learn' / 'curves.png').stat().st_size > 10_000
-    assert 'Base training' in (tmp_path / 'report.md').read_text()
+    assert (tmp_path / 'report' / 'base_train.md').read_text().startswith('## Base training')
+    assert json.loads((tmp_path / 'report' / 'base_train.json').read_text())['metrics']['val_bpb'] == history['val_bpb'][-1][1]
 
 
 @pytest.mark.slow
@@ -154,4 +155,4 @@ def test_the_cpu_preset_is_what_speedrun_runs():
     from imagelm.base_train import PRESETS, parse_args
     args = parse_args(['--preset=cpu'])
     assert {k: getattr(args, k) for k in PRESETS['cpu']} == PRESETS['cpu']
-    assert '--preset=cpu' in (Path(__file__).parent.parent / 'speedrun.sh').read_text()
+    assert '--preset="$PRESET"' in (Path(__file__).parent.parent / 'speedrun.sh').read_text()
