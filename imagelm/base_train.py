@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from fastcore.imports import IN_NOTEBOOK
 
-from .common import all_reduce_sum, autocast_dtype, autocast_for
+from .common import all_reduce_sum, autocast_dtype, autocast_for, bounded
 from .dataloader import DataConfig, PretrainLoader
 from .dataset import chars_per_position, repeat_warning
 from .engine import Engine
@@ -20,64 +20,65 @@ from .model import ImageLM, ModelConfig
 from .optim import OptimConfig, schedule_optimizers, setup_optimizers
 from .render import RenderConfig
 from .segments import Bytes, Pixels, special
-from .train import (Process, append_report, checkpoint_dir, evaluate_bpb, init_process, latest_checkpoint,
+from .train import (CheckpointError, Process, append_report, autodetect_device, evaluate_bpb, init_process, latest_checkpoint,
                            load_checkpoint, lr_multiplier, mfu, peak_flops, plot_curves, save_checkpoint, seed_everything,
-                           set_rng_state, shutdown_process, train_step)
+                           set_rng_state, shutdown_process, train_step, writable_checkpoint_dir)
 
 # %% auto #0
-__all__ = ['PRESETS', 'SAMPLE_PROMPTS', 'STAGE_TITLES', 'add_model_flags', 'add_optim_flags', 'add_run_flags', 'add_device_flags',
-           'make_parser', 'parse_args', 'model_config', 'optim_config', 'grad_accum_steps', 'sample_completions', 'Run',
-           'setup', 'schedule_at', 'step_once', 'step_line', 'evaluate', 'save', 'restore', 'start_wandb',
-           'run_summary', 'finish', 'base_samples', 'train', 'main']
+__all__ = ['PRESETS', 'SAMPLE_PROMPTS', 'RESUME_ARGS', 'STAGE_TITLES', 'add_model_flags', 'add_optim_flags', 'add_run_flags',
+           'add_device_flags', 'make_parser', 'device_available', 'check_args', 'parse_args', 'model_config',
+           'optim_config', 'grad_accum_steps', 'sample_completions', 'Run', 'setup', 'schedule_at', 'step_once',
+           'step_line', 'evaluate', 'save', 'resume_expectations', 'restore', 'start_wandb', 'run_summary', 'finish',
+           'base_samples', 'train', 'main', 'train_or_exit']
 
 # %% ../nbs/09_base_train.ipynb #487a0023
 def add_model_flags(a):
     a('--depth', type=int, default=ModelConfig.depth, help='transformer layers; sets the width (64 x depth) and heads (width / 128)')
-    a('--d_model', type=int, default=None, help='override the width set by --depth')
-    a('--n_head', type=int, default=None, help='override the number of attention heads')
-    a('--n_kv_head', type=int, default=None, help='key/value heads for grouped-query attention (default: n_head)')
-    a('--max_seq_len', type=int, default=ModelConfig.seq_len, help='positions per row (patches and bytes)')
-    a('--chars_per_patch', type=int, default=RenderConfig().chars_per_patch, help='k: characters per patch (its width in glyph cells)')
-    a('--page_chars', type=int, default=RenderConfig.page_chars, help='characters per rendered line')
+    a('--d_model', type=bounded(int, 1), default=None, help='override the width set by --depth')
+    a('--n_head', type=bounded(int, 1), default=None, help='override the number of attention heads')
+    a('--n_kv_head', type=bounded(int, 1), default=None, help='key/value heads for grouped-query attention (default: n_head)')
+    a('--max_seq_len', type=bounded(int, 1), default=ModelConfig.seq_len, help='positions per row (patches and bytes)')
+    a('--chars_per_patch', type=bounded(int, 1), default=RenderConfig().chars_per_patch, help='k: characters per patch (its width in glyph cells)')
+    a('--page_chars', type=bounded(int, 1), default=RenderConfig.page_chars, help='characters per rendered line')
     a('--positions', choices=['1d', '2d'], default=ModelConfig.positions, help="rotary positions: '1d', or '2d' (row, column) for patches")
     a('--skip_blank', type=int, choices=[0, 1], default=int(ModelConfig.skip_blank), help='1: leave patches without ink out of the sequence; 0: keep them')
     a('--show_spaces', type=int, choices=[0, 1], default=int(RenderConfig.show_spaces),
       help='1: draw a faint dot in every space cell, so that a space differs from an empty cell')
-    a('--whiten', type=float, default=ModelConfig.whiten or 0.0, help='shrinkage of the glyph whitener on every patch cell (0: raw pixels)')
+    a('--whiten', type=bounded(float, 0), default=ModelConfig.whiten or 0.0, help='shrinkage of the glyph whitener on every patch cell (0: raw pixels)')
 
 def add_optim_flags(a):
-    a('--matrix_lr', type=float, default=OptimConfig.matrix_lr, help='Muon learning rate of the trunk matrices')
-    a('--embedding_lr', type=float, default=OptimConfig.embedding_lr, help='AdamW learning rate of the byte embedding (scaled by width)')
-    a('--unembedding_lr', type=float, default=OptimConfig.unembedding_lr, help='AdamW learning rate of the head (scaled by width)')
+    a('--matrix_lr', type=bounded(float, 0), default=OptimConfig.matrix_lr, help='Muon learning rate of the trunk matrices')
+    a('--embedding_lr', type=bounded(float, 0), default=OptimConfig.embedding_lr, help='AdamW learning rate of the byte embedding (scaled by width)')
+    a('--unembedding_lr', type=bounded(float, 0), default=OptimConfig.unembedding_lr, help='AdamW learning rate of the head (scaled by width)')
     a('--patch_embed_optim', choices=['adamw', 'muon'], default=OptimConfig.patch_embed, help='optimizer of the patch embedding')
-    a('--weight_decay', type=float, default=OptimConfig.weight_decay, help='AdamW weight decay')
-    a('--warmup_ratio', type=float, default=0.0, help='share of steps for linear learning-rate warmup')
-    a('--warmdown_ratio', type=float, default=0.2, help='share of steps for the final linear warmdown')
-    a('--final_lr_frac', type=float, default=0.0, help='learning rate at the end, as a fraction of the initial one')
+    a('--weight_decay', type=bounded(float, 0), default=OptimConfig.weight_decay, help='AdamW weight decay')
+    a('--warmup_ratio', type=bounded(float, 0, 1), default=0.0, help='share of steps for linear learning-rate warmup')
+    a('--warmdown_ratio', type=bounded(float, 0, 1), default=0.2, help='share of steps for the final linear warmdown')
+    a('--final_lr_frac', type=bounded(float, 0, 1), default=0.0, help='learning rate at the end, as a fraction of the initial one')
 
 # %% ../nbs/09_base_train.ipynb #cceecfe0
 def add_run_flags(a):
     a('--run', default='dummy', help="run name: checkpoints go to $IMAGELM_BASE_DIR/checkpoints/<run>; with wandb installed, "
       "the run is logged to wandb under this name unless it is 'dummy'")
     a('--data', default='embedded', help="'embedded' (no download), 'parquet' (downloaded FineWeb-Edu shards) or a folder of parquet shards")
-    a('--pixel_chars', type=int, default=DataConfig.pixel_chars, help='target characters on each page of pretraining text')
-    a('--byte_chars', type=int, default=DataConfig.byte_chars, help='target characters in each byte span')
-    a('--device_batch_size', type=int, default=DataConfig.batch_rows, help='rows per forward/backward on each device')
-    a('--total_batch_size', type=int, default=-1, help='positions per optimizer step over all devices; -1: one micro-batch per device')
-    a('--num_iterations', type=int, default=-1, help='optimizer steps; -1 derives them from --target_param_data_ratio')
-    a('--target_param_data_ratio', type=float, default=20.0, help='positions per parameter when --num_iterations is -1 (Chinchilla: 20)')
-    a('--time_budget', type=float, default=0.0, help='stop after this many minutes of training (0: no limit), then evaluate and '
+    a('--pixel_chars', type=bounded(int, 1), default=DataConfig.pixel_chars, help='target characters on each page of pretraining text')
+    a('--byte_chars', type=bounded(int, 1), default=DataConfig.byte_chars, help='target characters in each byte span')
+    a('--device_batch_size', type=bounded(int, 1), default=DataConfig.batch_rows, help='rows per forward/backward on each device')
+    a('--total_batch_size', type=bounded(int, -1), default=-1, help='positions per optimizer step over all devices; -1: one micro-batch per device')
+    a('--num_iterations', type=bounded(int, -1), default=-1, help='optimizer steps; -1 derives them from --target_param_data_ratio')
+    a('--target_param_data_ratio', type=bounded(float, 0), default=20.0, help='positions per parameter when --num_iterations is -1 (Chinchilla: 20)')
+    a('--time_budget', type=bounded(float, 0), default=0.0, help='stop after this many minutes of training (0: no limit), then evaluate and '
       'save; the learning-rate schedule then follows the clock or the steps, whichever is further along')
-    a('--eval_every', type=int, default=100, help='evaluate val bits per byte every N steps (and at the end); 0: only at the end')
-    a('--eval_batches', type=int, default=8, help='validation batches per rank for each evaluation')
-    a('--sample_every', type=int, default=0, help='print greedy continuations of a few prompts every N steps (0: only at the end)')
-    a('--save_every', type=int, default=0, help='save a checkpoint every N steps (0: only at the end)')
+    a('--eval_every', type=bounded(int, 0), default=100, help='evaluate val bits per byte every N steps (and at the end); 0: only at the end')
+    a('--eval_batches', type=bounded(int, 1), default=8, help='validation batches per rank for each evaluation')
+    a('--sample_every', type=bounded(int, 0), default=0, help='print greedy continuations of a few prompts every N steps (0: only at the end)')
+    a('--save_every', type=bounded(int, 0), default=0, help='save a checkpoint every N steps (0: only at the end)')
     a('--resume', type=int, choices=[0, 1], default=0, help='1: continue from the latest checkpoint of --run')
-    a('--log_every', type=int, default=1, help='print a line every N steps')
+    a('--log_every', type=bounded(int, 1), default=1, help='print a line every N steps')
     a('--seed', type=int, default=0, help='random seed')
 
 def add_device_flags(a):
-    a('--device', default=None, help='cuda, mps or cpu (default: detected)')
+    a('--device', choices=['cuda', 'mps', 'cpu'], default=None, help='cuda, mps or cpu (default: detected)')
     a('--dtype', choices=['float32', 'bfloat16'], default=None, help='autocast dtype (default: bfloat16 on cuda, float32 elsewhere)')
     a('--compile', type=int, choices=[0, 1], default=None, help='torch.compile the model (default: 1 on cuda, 0 elsewhere)')
     a('--fused', type=int, choices=[0, 1], default=1, help='embed plain-text pages with the fused render-and-embed path')
@@ -101,6 +102,29 @@ def make_parser() -> argparse.ArgumentParser:
     for add in (add_model_flags, add_optim_flags, add_run_flags, add_device_flags): add(p.add_argument)
     return p
 
+def device_available(device: str) -> bool:
+    "Whether this machine has `device` (cuda, mps or cpu)."
+    if device == 'cuda': return torch.cuda.is_available()
+    if device == 'mps': return getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
+    return device == 'cpu'
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    "`args`, once the flags no single flag's type can judge fit together; otherwise a usage error (one line, exit 2)."
+    for name in ('num_iterations', 'total_batch_size'):
+        if getattr(args, name) == 0: parser.error(f"argument --{name}: must be -1 (derived) or >= 1, got 0")
+    k, page = args.chars_per_patch, args.page_chars
+    if k is not None and page is not None and page % k:
+        parser.error(f"argument --chars_per_patch: must divide --page_chars={page} (lines are cut into whole patches), got {k}; "
+                     f"it may be {', '.join(str(n) for n in range(1, page + 1) if page % n == 0)}")
+    if args.max_seq_len is not None and args.total_batch_size > 0:
+        per_micro = args.device_batch_size * args.max_seq_len * int(os.environ.get('WORLD_SIZE', 1))
+        if args.total_batch_size % per_micro:
+            parser.error(f"argument --total_batch_size: must be a multiple of device_batch_size x max_seq_len x world_size "
+                         f"= {per_micro}, got {args.total_batch_size}")
+    if args.device is not None and not device_available(args.device):
+        parser.error(f"argument --device: {args.device} is not available on this machine; {autodetect_device()} is")
+    return args
+
 def parse_args(argv=None) -> argparse.Namespace:
     "Parse `argv` (default: the command line): the preset's values first, then the flags given."
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -108,7 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = make_parser()
     preset = parser.parse_known_args(argv)[0].preset
     if preset: parser.set_defaults(**PRESETS[preset])
-    return parser.parse_args(argv)
+    return check_args(parser, parser.parse_args(argv))
 
 # %% ../nbs/09_base_train.ipynb #22cf287a
 def model_config(args) -> ModelConfig:
@@ -175,6 +199,7 @@ class Run:
 # %% ../nbs/09_base_train.ipynb #d0be9f1d
 def setup(args) -> Run:
     "Process group, seeds, model, optimizers and loaders of a run from parsed `args` (no step taken yet)."
+    ckpt_root = writable_checkpoint_dir(args.run, 'base')    # before anything is built: a folder it cannot write fails now
     proc = init_process(args.device)
     seed_everything(args.seed)
     cfg, optim_cfg, grad_accum = model_config(args), optim_config(args), grad_accum_steps(args, proc.world_size)
@@ -195,7 +220,7 @@ def setup(args) -> Run:
                               prefetch=bool(args.prefetch)) for m in range(grad_accum)]
     compile_model = args.compile if args.compile is not None else proc.device.startswith('cuda')
     return Run(args, proc, cfg, optim_cfg, data_cfg, model, torch.compile(model) if compile_model else model, optimizers,
-               loaders, grad_accum, num_iterations, autocast_for(proc.device, args.dtype), checkpoint_dir(args.run, 'base'))
+               loaders, grad_accum, num_iterations, autocast_for(proc.device, args.dtype), ckpt_root)
 
 # %% ../nbs/09_base_train.ipynb #f073c266
 def schedule_at(run: Run, step: int) -> float:
@@ -263,9 +288,16 @@ def save(run: Run, step: int) -> Path:
                            [opt.state_dict() for opt in run.optimizers], [l.state_dict() for l in run.loaders], meta,
                            fault_hook=_fault_hook(step))
 
+RESUME_ARGS = ('data', 'pixel_chars', 'byte_chars', 'device_batch_size', 'total_batch_size', 'seed', 'mix')
+
+def resume_expectations(run: Run) -> dict:
+    "What the checkpoint a run resumes from must hold: its model config, and the flags that shape its batches (`RESUME_ARGS`)."
+    given = vars(run.args)
+    return {'stage': run.stage, 'model_config': run.cfg.to_dict(), 'args': {k: given[k] for k in RESUME_ARGS if k in given}}
+
 def restore(run: Run, path: Path) -> None:
     "Continue `run` from the checkpoint folder `path`: weights, optimizer, loader and RNG states, history and clock."
-    state = load_checkpoint(path, run.proc, map_location=run.proc.device)
+    state = load_checkpoint(path, run.proc, map_location=run.proc.device, expect=resume_expectations(run))
     run.model.load_state_dict(state['model'])
     for opt, opt_state in zip(run.optimizers, state['optimizers']): opt.load_state_dict(opt_state)
     for loader, loader_state in zip(run.loaders, state['loader']): loader.load_state_dict(loader_state)
@@ -365,7 +397,15 @@ def train(args, setup=setup) -> dict:
 
 def main(argv=None):
     "Command-line entry point. A leading `--` (as in `torchrun ... -m imagelm.base_train -- --depth=20`) is skipped."
-    return train(parse_args(argv))
+    args = parse_args(argv)
+    try: model_config(args)
+    except ValueError as error: make_parser().error(f"the model flags do not make a model: {error}")   # e.g. --depth=0
+    return train_or_exit(args)
+
+def train_or_exit(args, setup=setup) -> dict:
+    "`train`, with a checkpoint problem said in one line (no traceback) and exit status 1."
+    try: return train(args, setup)
+    except CheckpointError as error: sys.exit(f'error: {error}')
 
 # %% ../nbs/09_base_train.ipynb #7306b917
 #| eval: false

@@ -9,7 +9,7 @@ from functools import partial
 
 import torch
 
-from .base_train import (Run, grad_accum_steps, make_parser, optim_config, train)
+from .base_train import (Run, check_args, grad_accum_steps, make_parser, optim_config, train_or_exit)
 from .chat_data import ConversationLoader
 from .chat_datasets import HUB_TASKS
 from .checkpoints import load_model
@@ -20,7 +20,7 @@ from .engine import Engine
 from .optim import setup_optimizers
 from .render import RenderConfig
 from .tasks import (ArithmeticTask, DocsTask, IdentityTask, PictureTask, ReadingTask, SpellingTask, TaskMixture)
-from .train import STAGES, checkpoint_dir, init_process, peak_flops, seed_everything
+from .train import STAGES, init_process, peak_flops, seed_everything, writable_checkpoint_dir
 
 # %% auto #0
 __all__ = ['TASKS', 'STAGE_BEFORE', 'MODEL_FLAGS', 'DEFAULT_MIX', 'GPU_MIX', 'CHAT_PRESETS', 'parse_mix', 'make_mixture',
@@ -121,7 +121,7 @@ def parse_chat_args(stage: str, argv=None, add_flags=None) -> argparse.Namespace
     parser = make_chat_parser(stage, add_flags)
     preset = parser.parse_known_args(argv)[0].preset
     if preset: parser.set_defaults(**CHAT_PRESETS[stage][preset])
-    return parser.parse_args(argv)
+    return check_args(parser, parser.parse_args(argv))
 
 # %% ../nbs/17_chat_train.ipynb #2c8982b0
 def chat_samples(model, max_tokens: int = 48) -> list:
@@ -158,6 +158,7 @@ def conversation_loaders(args, mixture: TaskMixture, model, proc, grad_accum: in
 
 def chat_setup(args, stage: str, make_loaders=conversation_loaders, loss=None) -> Run:
     "The `Run` of a chat `stage`: the previous stage's model, fresh optimizers, the loaders `make_loaders` makes, and `loss`."
+    ckpt_root = writable_checkpoint_dir(args.run, stage)
     proc = init_process(args.device)
     seed_everything(args.seed)
     model, meta = load_model(STAGE_BEFORE[stage], args.source_run, args.source_step, device=proc.device, changes=model_changes(args))
@@ -175,9 +176,9 @@ def chat_setup(args, stage: str, make_loaders=conversation_loaders, loss=None) -
     forward = torch.compile(model) if compile_model else model
     return Run(args, proc, cfg, optim_cfg, data_cfg, model, partial(loss, forward) if loss else forward,
                setup_optimizers(model, optim_cfg), loaders, grad_accum, args.num_iterations,
-               autocast_for(proc.device, args.dtype), checkpoint_dir(args.run, stage), stage=stage, sample=chat_samples)
+               autocast_for(proc.device, args.dtype), ckpt_root, stage=stage, sample=chat_samples)
 
 def run_stage(stage: str, argv=None, add_flags=None, make_loaders=conversation_loaders, loss=None) -> dict:
     "Parse a chat stage's command line and train it: the entry point of `mid_train`, `chat_sft` and `chat_rl`."
     args = parse_chat_args(stage, argv, add_flags)
-    return train(args, setup=partial(chat_setup, stage=stage, make_loaders=make_loaders, loss=loss))
+    return train_or_exit(args, setup=partial(chat_setup, stage=stage, make_loaders=make_loaders, loss=loss))

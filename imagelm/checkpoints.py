@@ -4,15 +4,12 @@
 
 # %% ../nbs/11_checkpoints.ipynb #6f56628a
 from __future__ import annotations
-import json
 from dataclasses import fields
 from pathlib import Path
 
-import torch
-
 from .model import ImageLM, ModelConfig
 from .render import RenderConfig
-from .train import STAGES, autodetect_device, checkpoint_dir, latest_checkpoint
+from .train import STAGES, autodetect_device, checkpoint_dir, latest_checkpoint, load_checkpoint_file, read_meta
 
 # %% auto #0
 __all__ = ['STAGE_COMMANDS', 'WEIGHT_FIELDS', 'find_checkpoint', 'checkpoint_config', 'load_model', 'add_checkpoint_flags']
@@ -72,10 +69,10 @@ def load_model(stage: str = 'sft', run: str | None = None, step: int | None = No
                changes: dict | None = None) -> tuple[ImageLM, dict]:
     "The model of a `stage` checkpoint (run and step: latest by default) on `device`, in eval mode, and its meta."
     path = find_checkpoint(stage, run, step)
-    meta = json.loads((path / 'meta.json').read_text())
+    meta = read_meta(path, required=('step', 'model_config'))
     cfg = checkpoint_config(meta, changes, where=str(path))
     device = device or autodetect_device()
-    weights = torch.load(path / 'model.pt', map_location=device, weights_only=True)
+    weights = load_checkpoint_file(path, 'model.pt', meta, map_location=device)
     model = ImageLM(cfg)
     expected = model.state_dict()
     for name, tensor in weights.items():

@@ -20,12 +20,21 @@ from PIL import Image, ImageDraw, ImageFont
 from .common import round_up
 
 # %% auto #0
-__all__ = ['BOLD', 'ITALIC', 'STYLE_FONT_FILES', 'SIZE_PROBE', 'HEX_MICRO_FONT', 'N_CODEPOINTS', 'NEWLINE', 'TAB', 'RenderConfig',
-           'font_path', 'fit_font_size', 'fallback_glyph', 'space_mark_glyph', 'GlyphAtlas', 'get_atlas', 'Span',
-           'Picture', 'as_pieces', 'Layout', 'layout_batch', 'layout', 'Rendered', 'render_batch', 'to_image',
-           'show_page', 'patch_image', 'render_page']
+__all__ = ['MIN_CELL_W', 'MIN_CELL_H', 'BOLD', 'ITALIC', 'STYLE_FONT_FILES', 'SIZE_PROBE', 'HEX_MICRO_FONT', 'N_CODEPOINTS',
+           'NEWLINE', 'TAB', 'check_cell', 'RenderConfig', 'font_path', 'fit_font_size', 'fallback_glyph',
+           'space_mark_glyph', 'GlyphAtlas', 'get_atlas', 'Span', 'Picture', 'as_pieces', 'Layout', 'layout_batch',
+           'layout', 'Rendered', 'render_batch', 'to_image', 'show_page', 'patch_image', 'render_page']
 
 # %% ../nbs/01_render.ipynb #6de7574f
+MIN_CELL_W, MIN_CELL_H = 5, 10   # the smallest cell whose fallback box holds a code point's 21 bits: (5-2) x (10-2) = 24
+
+def check_cell(cell_w, cell_h, owner: str = ''):
+    "Refuse a glyph cell smaller than `MIN_CELL_W` x `MIN_CELL_H` px: below it fallback boxes cannot tell code points apart."
+    for name, value, least in (('cell_w', cell_w, MIN_CELL_W), ('cell_h', cell_h, MIN_CELL_H)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{owner}{name} must be an int >= {least} (cells of at least {MIN_CELL_W}x{MIN_CELL_H} px "
+                             f"draw every code point distinctly), got {value!r}")
+
 @dataclass(frozen=True)
 class RenderConfig:
     "Geometry of rendered pages: glyph cell and patch in pixels, page width in characters."
@@ -44,6 +53,7 @@ class RenderConfig:
                 raise ValueError(f"RenderConfig.{name} must be a positive int, got {value!r}")
         if not isinstance(self.show_spaces, bool):
             raise ValueError(f"RenderConfig.show_spaces must be True or False, got {self.show_spaces!r}")
+        check_cell(self.cell_w, self.cell_h, 'RenderConfig.')
         if self.patch_w % self.cell_w:
             raise ValueError(f"RenderConfig.patch_w={self.patch_w} must be a multiple of cell_w={self.cell_w}")
         if self.patch_h % self.cell_h:
@@ -87,13 +97,13 @@ SIZE_PROBE = 'ÉÀMgjy|_()[]{}'
 
 @lru_cache(maxsize=None)
 def fit_font_size(cell_w: int, cell_h: int) -> int:
-    "Largest font size whose glyphs fit a `cell_w` x `cell_h` cell."
+    "Largest font size whose glyphs (the `SIZE_PROBE`, drawn at the top left) fit a `cell_w` x `cell_h` cell."
     best = 1
     for size in range(1, 4 * cell_h):
         font = ImageFont.truetype(str(font_path(0)), size)
+        if font.getlength('M') > cell_w: break          # grows with the size: no larger size fits either
         left, top, right, bottom = font.getbbox(SIZE_PROBE)
-        if font.getlength('M') > cell_w or bottom > cell_h or top < 0: break
-        best = size
+        if top >= 0 and bottom <= cell_h: best = size   # else ink above or below the cell at this size; try the next
     return best
 
 # %% ../nbs/01_render.ipynb #018a8cf1
@@ -111,7 +121,8 @@ def _boxed(inner: np.ndarray) -> np.ndarray:
     return box
 
 def fallback_glyph(codepoint: int, cell_w: int = 8, cell_h: int = 16) -> np.ndarray:
-    "A box holding `codepoint`'s 6 hex digits (cells of 8x16 and up) or its 21 bits (smaller cells), uint8 coverage."
+    "A box holding `codepoint`'s 6 hex digits (cells of 8x16 and up) or its 21 bits (smaller cells, down to 5x10), uint8 coverage."
+    check_cell(cell_w, cell_h)
     if cell_w >= 8 and cell_h >= 16:
         inner = np.zeros((14, 6), np.uint8)
         for i, digit in enumerate(f'{codepoint:06X}'):
@@ -140,6 +151,7 @@ def _is_control(cp: int) -> bool: return cp < 32 or 127 <= cp < 160
 class GlyphAtlas:
     "Every glyph of DejaVu Sans Mono (4 styles) rasterised once into `cell_h` x `cell_w` cells, plus fallbacks on demand."
     def __init__(self, cell_w: int = 8, cell_h: int = 16):
+        check_cell(cell_w, cell_h, 'GlyphAtlas ')
         self.cell_w, self.cell_h = cell_w, cell_h
         self.font_size = fit_font_size(cell_w, cell_h)
         self.lut = np.full((4, N_CODEPOINTS), -1, np.int32)
@@ -244,12 +256,31 @@ class Span:
 
 @dataclass(frozen=True)
 class Picture:
-    "An image (PIL image or HxW / HxWx3 / HxWx4 uint8 array) placed on whole patches, `width_patches` wide (default: the page)."
+    "An image placed on whole patches, `width_patches` wide (default: the page): a PIL image, or an HxW / HxWx3 / HxWx4 array of uint8 or of floats in [0, 1]."
     image: object
     width_patches: int | None = None
 
+    def __post_init__(self):
+        allowed = 'a PIL image, or an HxW, HxWx3 or HxWx4 array of uint8 (0..255) or of floats in [0, 1]'
+        if isinstance(self.image, Image.Image): array, shape = None, (self.image.height, self.image.width)
+        else:
+            array = np.asarray(self.image)
+            shape = array.shape
+            if array.ndim not in (2, 3) or (array.ndim == 3 and shape[2] not in (3, 4)):
+                raise ValueError(f"Picture.image must be {allowed}, got {type(self.image).__name__} of shape {shape}")
+        if 0 in shape[:2]: raise ValueError(f"Picture.image must be at least 1x1 pixel, got {shape[0]}x{shape[1]}")
+        if array is not None and array.dtype != np.uint8 and not (
+                np.issubdtype(array.dtype, np.floating) and np.nanmin(array) >= 0 and np.nanmax(array) <= 1):
+            values = f" in [{np.nanmin(array):g}, {np.nanmax(array):g}]" if array.dtype.kind in 'fiub' else ''
+            raise ValueError(f"Picture.image must be {allowed}, got {array.dtype} values{values}")
+
     def rgb(self) -> np.ndarray:
-        image = self.image if isinstance(self.image, Image.Image) else Image.fromarray(np.asarray(self.image))
+        "The picture as an HxWx3 uint8 array; floats in [0, 1] are scaled to 0..255."
+        if isinstance(self.image, Image.Image): image = self.image
+        else:
+            array = np.asarray(self.image)
+            if array.dtype != np.uint8: array = np.round(np.nan_to_num(array) * 255).astype(np.uint8)
+            image = Image.fromarray(array)
         return np.asarray(image.convert('RGB'))
 
 # %% ../nbs/01_render.ipynb #49992ed0
@@ -547,8 +578,8 @@ def packed_patches(self: Rendered) -> torch.Tensor:
     if not self.plain:
         return rearrange(self.line_pixels(), '(p l) c h (q k w) -> (p q) (c l k h w)',
                          l=c.lines_per_patch, k=c.chars_per_patch, w=c.cell_w)
-    glyphs = self.packed_slot_glyphs()
-    return self.atlas.words(self.device)[glyphs].view(glyphs.shape[0], -1).view(torch.uint8)
+    words = self.atlas.words(self.device)[self.packed_slot_glyphs()]   # (patches, slots, cell_h, words per cell row)
+    return words.flatten(1).contiguous().view(torch.uint8)             # flatten: also for 0 patches; contiguous: bytes
 
 # %% ../nbs/01_render.ipynb #44f70b9f
 def patch_image(patch_vector: torch.Tensor, cfg: RenderConfig = RenderConfig()) -> torch.Tensor:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_train.ipynb #658d05bc
 from __future__ import annotations
-import json, math, os, random, re, shutil, time
+import hashlib, json, math, os, pickle, random, re, shutil, time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,8 +20,9 @@ from .segments import IGNORE_INDEX, N_BYTES
 # %% auto #0
 __all__ = ['GPU_PEAK_FLOPS', 'STAGES', 'autodetect_device', 'Process', 'init_process', 'shutdown_process', 'seed_everything',
            'rng_state', 'set_rng_state', 'lr_multiplier', 'evaluate_bpb', 'measure_matmul_flops', 'peak_flops', 'mfu',
-           'train_step', 'checkpoint_dir', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'plot_curves',
-           'report_dir', 'append_report']
+           'train_step', 'checkpoint_dir', 'CheckpointError', 'writable_checkpoint_dir', 'file_sha256',
+           'save_checkpoint', 'latest_checkpoint', 'read_meta', 'load_checkpoint_file', 'config_differences',
+           'load_checkpoint', 'plot_curves', 'report_dir', 'append_report']
 
 # %% ../nbs/08_train.ipynb #dba0f621
 def autodetect_device() -> str:
@@ -166,9 +167,29 @@ def _step_dir(root: Path, step: int) -> Path: return Path(root) / f'step_{step:0
 
 def _atomic_torch_save(obj, path: Path): atomic_write(path, lambda file: torch.save(obj, file))
 
+class CheckpointError(ValueError):
+    "A checkpoint that cannot be used, or a folder where none can be written: the message names the file and what is wrong."
+
+def writable_checkpoint_dir(run: str, stage: str = 'base') -> Path:
+    "`checkpoint_dir(run, stage)`, created, once a probe file was written there and removed: a run fails before its first step, not at its first save."
+    try:
+        folder = checkpoint_dir(run, stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / f'.write_probe_{os.getpid()}', b'').unlink()
+    except OSError as error:
+        raise CheckpointError(f"cannot write the checkpoints of run {run!r} ({error}): set IMAGELM_BASE_DIR to a folder you can write") from None
+    return folder
+
+def file_sha256(path) -> str:
+    "The sha256 of the file at `path`, in hex."
+    digest = hashlib.sha256()
+    with open(path, 'rb') as file:
+        for block in iter(lambda: file.read(1 << 20), b''): digest.update(block)
+    return digest.hexdigest()
+
 def save_checkpoint(root, step: int, proc: Process, model_state: dict | None, optimizer_state: list, loader_state,
                     meta: dict, fault_hook=None):
-    "Write this rank's part of the checkpoint of `step`; rank 0 also writes the model and meta, then publishes the folder."
+    "Write this rank's part of the checkpoint of `step`; rank 0 also writes the model, then meta with every file's sha256, then publishes the folder."
     root = Path(root)
     final, tmp = _step_dir(root, step), _step_dir(root, step).with_name(f'step_{step:06d}.partial')
     if proc.master:
@@ -178,11 +199,11 @@ def save_checkpoint(root, step: int, proc: Process, model_state: dict | None, op
     _atomic_torch_save({'optimizers': optimizer_state, 'loader': loader_state, 'rng': rng_state()},
                        tmp / f'rank_{proc.rank:03d}.pt')
     if fault_hook: fault_hook()
+    if proc.master: _atomic_torch_save(model_state, tmp / 'model.pt')
+    if proc.distributed: dist.barrier()      # every rank's file is written
     if proc.master:
-        _atomic_torch_save(model_state, tmp / 'model.pt')
-        save_json({**meta, 'step': step, 'world_size': proc.world_size}, tmp / 'meta.json')
-    if proc.distributed: dist.barrier()
-    if proc.master:
+        sha256 = {file.name: file_sha256(file) for file in sorted(tmp.glob('*.pt'))}
+        save_json({**meta, 'step': step, 'world_size': proc.world_size, 'sha256': sha256}, tmp / 'meta.json')   # last: it completes the folder
         if final.exists(): shutil.rmtree(final)
         os.replace(tmp, final)
     if proc.distributed: dist.barrier()
@@ -194,15 +215,60 @@ def latest_checkpoint(root) -> Path | None:
                   and (p / 'meta.json').exists())
     return done[-1] if done else None
 
-def load_checkpoint(path, proc: Process, map_location='cpu') -> dict:
-    "Model state, meta, and this rank's optimizer, loader and RNG states of the checkpoint at `path`."
+def read_meta(path, required=('step', 'world_size')) -> dict:
+    "The `meta.json` of the checkpoint folder `path`, which must hold the keys `required`."
+    file = Path(path) / 'meta.json'
+    try: meta = json.loads(file.read_text())
+    except FileNotFoundError: raise CheckpointError(f"{file} is missing: {path} is not a complete checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{file} is not valid JSON ({error}): the checkpoint is damaged") from None
+    if not isinstance(meta, dict): raise CheckpointError(f"{file} holds a {type(meta).__name__}, not a JSON object")
+    missing = [key for key in required if key not in meta]
+    if missing: raise CheckpointError(f"{file} lacks {missing}: it was not written by save_checkpoint, or was edited")
+    return meta
+
+_numpy_core = getattr(np, '_core', None) or np.core
+_NUMPY_RNG = [_numpy_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]   # numpy's RNG state holds an array
+
+def load_checkpoint_file(path, name: str, meta: dict, map_location='cpu'):
+    "`torch.load` (weights only) of the file `name` of the checkpoint folder `path`, once its sha256 matches the one `meta` recorded."
+    file, expected = Path(path) / name, meta.get('sha256', {}).get(name)   # checkpoints saved before checksums have none
+    if not file.is_file(): raise CheckpointError(f"{file} is missing: the checkpoint {path} is incomplete")
+    if file.stat().st_size == 0: raise CheckpointError(f"{file} is empty (0 bytes): the checkpoint {path} is damaged")
+    if expected and file_sha256(file) != expected:
+        raise CheckpointError(f"{file} does not match the sha256 recorded in {Path(path) / 'meta.json'}: "
+                              f"the file was damaged or changed after the checkpoint {path} was saved")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_RNG):
+            return torch.load(file, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"{file} cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'truncated'}): "
+                              f"the checkpoint {path} is damaged") from None
+
+def config_differences(saved: dict, expected: dict, prefix: str = '') -> list:
+    "'field: saved -> expected' for each field of `expected` (nested: 'a.b') whose value in `saved` differs."
+    saved, expected = json.loads(json.dumps(saved)), json.loads(json.dumps(expected))    # tuples and lists alike
+    out = []
+    for key, want in expected.items():
+        have = saved.get(key, '(not saved)') if isinstance(saved, dict) else '(not saved)'
+        if isinstance(want, dict) and isinstance(have, dict): out += config_differences(have, want, f'{prefix}{key}.')
+        elif have != want: out.append(f'{prefix}{key}: {have!r} -> {want!r}')
+    return out
+
+def load_checkpoint(path, proc: Process, map_location='cpu', expect: dict | None = None) -> dict:
+    "Model state, meta, and this rank's optimizer, loader and RNG states of the checkpoint at `path`, whose meta must match `expect`."
     path = Path(path)
-    meta = json.loads((path / 'meta.json').read_text())
+    meta = read_meta(path)
     if meta['world_size'] != proc.world_size:
-        raise ValueError(f"{path} was saved by {meta['world_size']} processes; resume it with the same number, "
-                         f"not {proc.world_size}")
-    shard = torch.load(path / f'rank_{proc.rank:03d}.pt', map_location=map_location, weights_only=False)
-    return {'model': torch.load(path / 'model.pt', map_location=map_location, weights_only=True), 'meta': meta, **shard}
+        raise CheckpointError(f"{path} was saved by {meta['world_size']} processes; resume it with the same number, "
+                              f"not {proc.world_size}")
+    differences = config_differences(meta, expect or {})
+    if differences:
+        raise CheckpointError(f"{path} was saved with another config; saved -> asked: {'; '.join(differences)}. "
+                              f"Resume with the flags it was saved with, or start a new --run")
+    shard = load_checkpoint_file(path, f'rank_{proc.rank:03d}.pt', meta, map_location)
+    return {'model': load_checkpoint_file(path, 'model.pt', meta, map_location), 'meta': meta, **shard}
+
 
 # %% ../nbs/08_train.ipynb #96972342
 def plot_curves(history: dict, path, title: str = 'training') -> Path:
