@@ -118,7 +118,7 @@ def make_parser() -> argparse.ArgumentParser:
     a('--step', type=int, default=None, help='its step (default: the latest)')
     a('--val_batches', type=bounded(int, 1), default=8, help='val batches of 8 rows for val bpb and the homoglyph eval (default 8)')
     a('--core', type=int, choices=[0, 1], default=1, help='1: CORE on the DCLM eval bundle, downloaded the first time (default 1)')
-    a('--max_per_task', type=int, default=-1, help='examples per CORE task (-1: all, the real figure)')
+    a('--max_per_task', type=bounded(int, -1), default=-1, help='examples per CORE task (-1: all, the real figure)')
     a('--bundle_url', default=None, help="where to download the eval bundle (default: $IMAGELM_EVAL_BUNDLE_URL, else nanochat's)")
     a('--homoglyph_rate', type=bounded(float, 0, 1), default=1.0, help='share of look-alike letters swapped in (0: skip; default 1)')
     a('--byte_baseline', default=None, help='folder of a baseline checkpoint (base_eval.save_baseline) to measure beside it')
@@ -134,10 +134,13 @@ def main(argv=None) -> dict:
     "Command-line entry point; a leading `--` (as under `torchrun ... -m imagelm.base_eval --`) is skipped."
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ['--']: argv = argv[1:]
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.max_per_task == 0: parser.error('argument --max_per_task: must be -1 (all) or >= 1, got 0')
     start, proc = time.perf_counter(), init_process(args.device)
     log = (lambda line: print(line, flush=True)) if proc.master else None
-    model, meta = load_model('base', args.run, args.step, device=proc.device)
+    try: model, meta = load_model('base', args.run, args.step, device=proc.device)
+    except (FileNotFoundError, ValueError) as error: sys.exit(f'error: {error}')   # a missing or damaged checkpoint: one line
     run_name, step = Path(meta['path']).parent.name, meta['step']
     baseline = load_baseline(args.byte_baseline, proc.device)[0] if args.byte_baseline else None
     autocast = autocast_for(proc.device, args.dtype)

@@ -33,7 +33,7 @@ __all__ = ['PRESETS', 'SAMPLE_PROMPTS', 'RESUME_ARGS', 'STAGE_TITLES', 'add_mode
 
 # %% ../nbs/09_base_train.ipynb #487a0023
 def add_model_flags(a):
-    a('--depth', type=int, default=ModelConfig.depth, help='transformer layers; sets the width (64 x depth) and heads (width / 128)')
+    a('--depth', type=bounded(int, 1), default=ModelConfig.depth, help='transformer layers; sets the width (64 x depth) and heads (width / 128)')
     a('--d_model', type=bounded(int, 1), default=None, help='override the width set by --depth')
     a('--n_head', type=bounded(int, 1), default=None, help='override the number of attention heads')
     a('--n_kv_head', type=bounded(int, 1), default=None, help='key/value heads for grouped-query attention (default: n_head)')

@@ -14,7 +14,7 @@ from fastcore.imports import IN_NOTEBOOK
 
 from .chat_datasets import ARCTask, GSM8KTask, HumanEvalTask, MMLUTask, dataset_file, sandbox_layers
 from .checkpoints import add_checkpoint_flags, load_model
-from .common import get_base_dir, save_json
+from .common import bounded, get_base_dir, save_json
 from .conversation import conversation_positions, conversation_segments, generate_reply
 from .corpus import load_embedded_corpus
 from .dataloader import DataConfig, PretrainLoader
@@ -304,9 +304,9 @@ def make_parser() -> argparse.ArgumentParser:
     a('--evals', default=','.join(EVALS), help=f'comma-separated evals to run, of {", ".join(EVALS)} (the last five need '
       'python -m imagelm.chat_datasets; without it they are skipped)')
     a('--examples', type=int, default=200, help='examples per eval, the first of its test split (-1: all of it)')
-    a('--max_tokens', type=int, default=2048, help='longest reply to a GSM8K or HumanEval question, in bytes')
-    a('--batch_size', type=int, default=8, help='questions per forward pass: multiple-choice prompts, or replies decoded together')
-    a('--val_batches', type=int, default=8, help='pretraining val batches for val bits per byte (0: skip)')
+    a('--max_tokens', type=bounded(int, 1), default=2048, help='longest reply to a GSM8K or HumanEval question, in bytes')
+    a('--batch_size', type=bounded(int, 1), default=8, help='questions per forward pass: multiple-choice prompts, or replies decoded together')
+    a('--val_batches', type=bounded(int, 0), default=8, help='pretraining val batches for val bits per byte (0: skip)')
     a('--device', default=None, help='cuda, mps or cpu (default: detected)')
     a('--out', default=None, help='JSON to write (default: <base dir>/evals/<stage>_<run>_<step>.json)')
     return p
@@ -315,13 +315,14 @@ def main(argv=None) -> dict:
     "Command-line entry point; a leading `--` (as under `torchrun ... -m imagelm.chat_eval --`) is skipped."
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ['--']: argv = argv[1:]
-    args = make_parser().parse_args(argv)
-    if args.examples < 1 and args.examples != -1: raise ValueError(f"--examples must be >= 1, or -1 for all, got {args.examples}")
-    for flag in ('max_tokens', 'batch_size'):
-        if getattr(args, flag) < 1: raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    start, proc = time.perf_counter(), init_process(args.device)
-    model, meta = load_model(args.stage, args.run, args.step, device=proc.device)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.examples < 1 and args.examples != -1: parser.error(f"argument --examples: must be >= 1, or -1 for all, got {args.examples}")
     names = tuple(name.strip() for name in args.evals.split(',') if name.strip())
+    if unknown := [n for n in names if n not in EVALS]: parser.error(f"argument --evals: unknown evals {unknown}; the evals are {list(EVALS)}")
+    start, proc = time.perf_counter(), init_process(args.device)
+    try: model, meta = load_model(args.stage, args.run, args.step, device=proc.device)
+    except (FileNotFoundError, ValueError) as error: sys.exit(f'error: {error}')   # a missing or damaged checkpoint: one line
     measured = evaluate_chat(model, names, args.examples, args.val_batches, proc.rank, proc.world_size, args.max_tokens, args.batch_size)
     run_name = meta['path'].rstrip('/').split('/')[-2]
     if proc.master:

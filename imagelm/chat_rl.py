@@ -118,8 +118,8 @@ def add_rl_flags(a):
     a('--num_samples', type=bounded(int, 2, why=': an advantage needs a group to compare with'), default=8,
       help='replies sampled per prompt: the group each reply is compared with')
     a('--max_tokens', type=bounded(int, 1), default=64, help='most bytes of a sampled reply')
-    a('--temperature', type=float, default=1.0, help='sampling temperature of the replies')
-    a('--top_k', type=int, default=None, help='sample from the k most likely bytes (default: all)')
+    a('--temperature', type=bounded(float, 0), default=1.0, help='sampling temperature of the replies')
+    a('--top_k', type=bounded(int, 1), default=None, help='sample from the k most likely bytes (default: all)')
 
 def rollout_loaders(args, mixture: TaskMixture, model, proc, grad_accum: int) -> list:
     "One `RolloutLoader` per micro-batch of this rank, sampling from the model being trained."

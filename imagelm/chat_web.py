@@ -28,10 +28,10 @@ from .model import ImageLM
 from .train import autodetect_device
 
 # %% auto #0
-__all__ = ['ROLE_NAMES', 'UNSUPPORTED', 'PAGE', 'Limits', 'ApiError', 'decode_data_url', 'request_picture', 'parse_messages',
-           'ChatRequest', 'parse_request', 'Worker', 'WorkerPool', 'ReplyRun', 'completion_chunk', 'completion',
-           'usage', 'sse', 'Stats', 'request_schema', 'read_json', 'ClientGone', 'until_gone', 'unless_gone',
-           'make_app', 'BackgroundServer', 'make_parser', 'worker_models', 'main']
+__all__ = ['ROLE_NAMES', 'UNSUPPORTED', 'SEEDS', 'PAGE', 'Limits', 'ApiError', 'decode_data_url', 'request_picture',
+           'parse_messages', 'ChatRequest', 'parse_request', 'Worker', 'WorkerPool', 'ReplyRun', 'completion_chunk',
+           'completion', 'usage', 'sse', 'Stats', 'request_schema', 'read_json', 'ClientGone', 'until_gone',
+           'unless_gone', 'make_app', 'BackgroundServer', 'make_parser', 'worker_models', 'main']
 
 # %% ../nbs/25_chat_web.ipynb #529d18ae
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class Limits:
 class ApiError(Exception):
     "An answer other than 200: its HTTP status and OpenAI's error body (message, type, the parameter at fault, a code)."
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        message = message.encode('utf-8', 'backslashreplace').decode('utf-8')   # what it quotes may hold lone surrogates, which UTF-8 cannot carry
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
@@ -110,7 +111,7 @@ def parse_messages(raw, limits: Limits = Limits(), reply: bool = True) -> list:
         where = f'messages[{i}]'
         if not isinstance(message, dict): raise ApiError(400, f"{where} must be an object with 'role' and 'content'", where, 'invalid_messages')
         role = message.get('role')
-        if role not in ROLE_NAMES:
+        if not isinstance(role, str) or role not in ROLE_NAMES:   # a list or an object cannot be looked up
             raise ApiError(400, f"{where}.role is {str(role)[:40]!r}; the roles are system (or developer), user and assistant",
                            f'{where}.role', 'unknown_role')
         role, content = ROLE_NAMES[role], message.get('content')
@@ -153,10 +154,12 @@ UNSUPPORTED = {'n': ((None, 1), 'one reply per request'), 'top_p': ((None, 1), '
                'logprobs': ((None, False), 'log probabilities are not returned'),
                'stop': ((None, [], ''), 'a reply stops where its turn ends')}
 
+SEEDS = (-2**63, 2**64 - 1)   # the seeds a torch.Generator takes
+
 def _setting(body: dict, name: str, kind: type, low, high, default):
     value = body.get(name)
     if value is None: return default
-    fits = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or float(value).is_integer())
+    fits = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int) or value.is_integer())
     if not fits or not low <= value <= high:
         raise ApiError(400, f"{name} must be {'an integer' if kind is int else 'a number'} in [{low:g}, {high:g}], got {str(value)[:40]}",
                        name, f'invalid_{name}')
@@ -179,8 +182,8 @@ def parse_request(body, model_id: str, limits: Limits = Limits(), defaults: dict
     options = body.get('stream_options') or {}
     if not isinstance(options, dict): raise ApiError(400, "stream_options must be an object", 'stream_options', 'invalid_stream_options')
     seed = body.get('seed')
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ApiError(400, f"seed must be an integer, got {str(seed)[:40]}", 'seed', 'invalid_seed')
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not SEEDS[0] <= seed <= SEEDS[1]):
+        raise ApiError(400, f"seed must be an integer in [{SEEDS[0]}, {SEEDS[1]}], got {str(seed)[:40]}", 'seed', 'invalid_seed')
     limit = 'max_completion_tokens' if body.get('max_completion_tokens') is not None else 'max_tokens'
     top_k = _setting(body, 'top_k', int, 0, limits.max_top_k, d['top_k'] or 0)
     return ChatRequest(parse_messages(body.get('messages'), limits),
@@ -582,7 +585,7 @@ def request_schema(limits: Limits = Limits()) -> dict:
                            'max_tokens': tokens, 'max_completion_tokens': tokens,
                            'temperature': {'type': 'number', 'minimum': 0, 'maximum': limits.max_temperature},
                            'top_k': {'type': 'integer', 'minimum': 0, 'maximum': limits.max_top_k},
-                           'seed': {'type': 'integer'}, 'stream': {'type': 'boolean'},
+                           'seed': {'type': 'integer', 'minimum': SEEDS[0], 'maximum': SEEDS[1]}, 'stream': {'type': 'boolean'},
                            'stream_options': {'type': 'object', 'properties': {'include_usage': {'type': 'boolean'}}},
                            'truncate': {'type': 'boolean', 'description': 'drop the earliest turns of a conversation too long for the context'}}}
 
@@ -596,7 +599,8 @@ async def read_json(request: Request, limits: Limits = Limits()):
         raw += piece
         if len(raw) > limits.max_body_bytes: raise too_large
     try: return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error: raise ApiError(400, f"the body is not valid JSON: {error}", None, 'invalid_json') from None
+    except RecursionError: raise ApiError(400, "the body is not JSON that can be read: it is nested too deeply", None, 'invalid_json') from None
+    except ValueError as error: raise ApiError(400, f"the body is not valid JSON: {error}", None, 'invalid_json') from None   # also integers of over 4,300 digits
 
 class ClientGone(Exception):
     "The client closed its connection before its reply began."

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_common.ipynb #33d364e3
 from __future__ import annotations
-import argparse, json, os, tempfile
+import argparse, json, math, os, tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
@@ -73,11 +73,11 @@ def all_reduce_sum(values: list, device='cpu') -> list:
 
 # %% ../nbs/00_common.ipynb #7eddf1ac
 def bounded(kind: type, low, high=None, why: str = ''):
-    "An argparse type: a `kind` (int or float) in [low, high] (no upper bound when `high` is None), or an error naming the range."
+    "An argparse type: a finite `kind` (int or float) in [low, high] (no upper bound when `high` is None), or an error naming the range."
     def parse(text: str):
         try: value = kind(text)
         except ValueError: raise argparse.ArgumentTypeError(f"must be {'an int' if kind is int else 'a number'}, got {text!r}") from None
-        if value < low or (high is not None and value > high):
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
             bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
             raise argparse.ArgumentTypeError(f"must be {bounds}{why}, got {value}")
         return value

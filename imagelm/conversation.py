@@ -32,7 +32,11 @@ def _part(part, role: str, where: str) -> tuple:
     kind = part['type']
     if kind not in PART_TYPES[role]:
         raise ValueError(f"{where}: a {role} message cannot hold a {kind!r} part; it can hold {list(PART_TYPES[role])}")
-    if kind == 'image': return ('image', (part.get('image'), part.get('width_patches', PICTURE_PATCHES)))
+    if kind == 'image':
+        width = part.get('width_patches', PICTURE_PATCHES)
+        if width is not None and (not isinstance(width, int) or isinstance(width, bool) or width < 1):
+            raise ValueError(f"{where}: an image part's width_patches must be None (the page) or an int >= 1, got {width!r}")
+        return ('image', (part.get('image'), width))
     if not isinstance(part.get('text'), str): raise ValueError(f"{where}: a {kind!r} part needs a 'text' string")
     return (kind, part['text'])
 
@@ -43,8 +47,14 @@ def normalize(message, index: int = 0) -> tuple:
         raise ValueError(f"{where} must be a dict with 'role' and 'content', got {message!r:.60}")
     role, content = message['role'], message['content']
     if role not in ROLES: raise ValueError(f"{where} has the unknown role {role!r}; the roles are {ROLES}")
+    if content is not None and not isinstance(content, (str, list, tuple)):
+        raise ValueError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
     parts = [_part(p, role, where) for p in ([content] if isinstance(content, str) else content or [])]
     if not any(kind != 'text' or value.strip() for kind, value in parts): raise ValueError(f"{where} ({role}) is empty")
+    for kind, value in parts if role == 'assistant' else []:   # written as UTF-8 bytes, which a lone surrogate has none of
+        try: value.encode('utf-8')
+        except UnicodeEncodeError as error:
+            raise ValueError(f"{where}: its {kind} holds a lone surrogate {value[error.start]!r}, which UTF-8 cannot write") from None
     return role, parts
 
 # %% ../nbs/12_conversation.ipynb #08bef3f6

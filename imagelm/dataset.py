@@ -78,6 +78,7 @@ def count_parameters(cfg: ModelConfig) -> int:
 def shard_plan(depth: int, ratio: float = 20.0, max_seq_len: int | None = None, per_position: float | None = None,
                chars_per_shard: int = CHARS_PER_SHARD, data='embedded') -> dict:
     "The data a `--preset=gpu --depth=depth` run reads at `ratio` positions per parameter, in positions, characters and shards."
+    if not isinstance(depth, int) or depth < 1: raise ValueError(f"depth must be an int >= 1, got {depth!r}")
     if not ratio > 0: raise ValueError(f"ratio (positions per parameter) must be > 0, got {ratio!r}")
     if not chars_per_shard > 0: raise ValueError(f"chars_per_shard must be > 0, got {chars_per_shard!r}")
     _, cfg, data_cfg = base_train_configs(depth, max_seq_len, data)

@@ -92,7 +92,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
                 generator: torch.Generator | None = None) -> torch.Tensor:
     "(B,) next ids from logits (B, V): the argmax when `temperature` is 0, else a draw from the top-k softmax."
     if temperature == 0: return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    tiny = torch.finfo(logits.dtype).tiny    # a temperature float32 holds; shifted to a max of 0, logits then go to -inf, never nan
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, tiny)
     if top_k is not None and top_k < logits.shape[-1]:
         values, indices = logits.topk(top_k, dim=-1)
         return indices.gather(-1, torch.multinomial(values.softmax(-1), 1, generator=generator))[:, 0]
@@ -326,7 +328,7 @@ TOOL_OUTPUT_START, TOOL_OUTPUT_END = special('<|tool_output_start|>'), special('
 
 def _is_int(x) -> bool: return isinstance(x, int) and not isinstance(x, bool)
 
-def check_sampling(max_tokens, temperature, top_k, num_samples=None):
+def check_sampling(max_tokens, temperature, top_k, num_samples=None, seed=None):
     "Raise a ValueError naming the first bad sampling argument."
     if not _is_int(max_tokens) or max_tokens < 1: raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
@@ -334,6 +336,8 @@ def check_sampling(max_tokens, temperature, top_k, num_samples=None):
     if top_k is not None and (not _is_int(top_k) or top_k < 1): raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
     if num_samples is not None and (not _is_int(num_samples) or num_samples < 1):
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    if seed is not None and (not _is_int(seed) or not -2**63 <= seed < 2**64):   # what torch.Generator.manual_seed takes
+        raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {seed!r}")
 
 # %% ../nbs/05_engine.ipynb #d090a92e
 class ReplyRules:
@@ -376,7 +380,7 @@ def stream(self: Engine, segments: list | None = None, max_tokens: int = 256, te
            top_k: int | None = None, seed: int | None = None, num_samples: int | None = None, stop_ids=None,
            calculator: bool | Callable = False, extend: bool = False, sampler: Callable | None = None) -> Iterator[list]:
     "Yield at each step the new byte id of each sample, None once it stopped. A new sequence, unless `extend`."
-    check_sampling(max_tokens, temperature, top_k, num_samples)
+    check_sampling(max_tokens, temperature, top_k, num_samples, seed)
     if not extend:
         self.reset()
         if segments is None or not _as_segments(segments):
@@ -445,7 +449,7 @@ def naive_generate(model: ImageLM, segments: list, max_tokens: int = 256, temper
                    top_k: int | None = None, seed: int | None = None, stop_ids=None, fused: bool = True,
                    skip_blank: bool | None = None) -> list:
     "Reference sampler: for every new byte, run the model over the whole sequence so far with `naive_logits`."
-    check_sampling(max_tokens, temperature, top_k)
+    check_sampling(max_tokens, temperature, top_k, seed=seed)
     segments, cfg = _as_segments(segments), model.cfg
     skip_blank = cfg.skip_blank if skip_blank is None else skip_blank
     stop = set(STOP_DEFAULT if stop_ids is None else stop_ids)
@@ -535,7 +539,7 @@ class BatchDecoder:
 def add(self: BatchDecoder, segments: list, max_tokens: int = 256, temperature: float = 1.0, top_k: int | None = None,
         seed: int | None = None, calculator: bool | Callable = False, stop_ids=None, sampler: Callable | None = None) -> BatchRow:
     "Prefill a new conversation alone; it joins the batch at the next `step`. Its handle."
-    check_sampling(max_tokens, temperature, top_k)
+    check_sampling(max_tokens, temperature, top_k, seed=seed)
     e = self.prefill
     e.reset()
     logits = e.feed(_as_segments(segments))            # refuses empty prompts and prompts over the context

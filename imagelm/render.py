@@ -261,6 +261,9 @@ class Picture:
     width_patches: int | None = None
 
     def __post_init__(self):
+        width = self.width_patches
+        if width is not None and (not isinstance(width, (int, np.integer)) or isinstance(width, bool) or width < 1):
+            raise ValueError(f"Picture.width_patches must be None (the page) or an int >= 1, got {width!r}")
         allowed = 'a PIL image, or an HxW, HxWx3 or HxWx4 array of uint8 (0..255) or of floats in [0, 1]'
         if isinstance(self.image, Image.Image): array, shape = None, (self.image.height, self.image.width)
         else:
@@ -371,7 +374,6 @@ def _place_picture(picture: Picture, cfg: RenderConfig) -> tuple:
     "Lines, columns and fitted pixels of a picture placed on whole patches."
     rgb = picture.rgb()
     n_cols = cfg.page_chars if picture.width_patches is None else min(cfg.page_chars, picture.width_patches * cfg.chars_per_patch)
-    if n_cols < 1: raise ValueError(f"Picture.width_patches must be >= 1, got {picture.width_patches}")
     n_lines = round_up(max(1, round(rgb.shape[0] * n_cols * cfg.cell_w / rgb.shape[1] / cfg.cell_h)), cfg.lines_per_patch)
     return n_lines, n_cols, _fit_picture(rgb, n_cols * cfg.cell_w, n_lines * cfg.cell_h)
 

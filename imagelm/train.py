@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_train.ipynb #658d05bc
 from __future__ import annotations
-import hashlib, json, math, os, pickle, random, re, shutil, time
+import datetime, hashlib, json, math, os, pickle, random, re, shutil, time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,11 +18,11 @@ from .model import batch_flops
 from .segments import IGNORE_INDEX, N_BYTES
 
 # %% auto #0
-__all__ = ['GPU_PEAK_FLOPS', 'STAGES', 'autodetect_device', 'Process', 'init_process', 'shutdown_process', 'seed_everything',
-           'rng_state', 'set_rng_state', 'lr_multiplier', 'evaluate_bpb', 'measure_matmul_flops', 'peak_flops', 'mfu',
-           'train_step', 'checkpoint_dir', 'CheckpointError', 'writable_checkpoint_dir', 'file_sha256',
-           'save_checkpoint', 'latest_checkpoint', 'read_meta', 'load_checkpoint_file', 'config_differences',
-           'load_checkpoint', 'plot_curves', 'report_dir', 'append_report']
+__all__ = ['GPU_PEAK_FLOPS', 'STAGES', 'autodetect_device', 'Process', 'dist_timeout', 'init_process', 'shutdown_process',
+           'seed_everything', 'rng_state', 'set_rng_state', 'lr_multiplier', 'evaluate_bpb', 'measure_matmul_flops',
+           'peak_flops', 'mfu', 'train_step', 'checkpoint_dir', 'CheckpointError', 'writable_checkpoint_dir',
+           'file_sha256', 'save_checkpoint', 'latest_checkpoint', 'read_meta', 'load_checkpoint_file',
+           'config_differences', 'load_checkpoint', 'plot_curves', 'report_dir', 'append_report']
 
 # %% ../nbs/08_train.ipynb #dba0f621
 def autodetect_device() -> str:
@@ -43,13 +43,21 @@ class Process:
     @property
     def master(self) -> bool: return self.rank == 0
 
+def dist_timeout() -> datetime.timedelta:
+    "How long a collective waits for the other ranks before it fails: `$IMAGELM_DIST_TIMEOUT` seconds (default 600)."
+    text = os.environ.get('IMAGELM_DIST_TIMEOUT', '600')
+    try: seconds = float(text)
+    except ValueError: seconds = -1.0
+    if not seconds > 0: raise ValueError(f"IMAGELM_DIST_TIMEOUT must be a number of seconds > 0, got {text!r}")
+    return datetime.timedelta(seconds=seconds)
+
 def init_process(device: str | None = None) -> Process:
-    "Join the torchrun process group if launched by torchrun; pick this process's device."
+    "Join the torchrun process group if launched by torchrun (collectives time out after `dist_timeout()`); pick this process's device."
     device = device or autodetect_device()
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('LOCAL_RANK', 0), ('WORLD_SIZE', 1)))
     if world > 1 and not dist.is_initialized():
         if device == 'cuda': torch.cuda.set_device(local_rank)
-        dist.init_process_group('nccl' if device == 'cuda' else 'gloo')
+        dist.init_process_group('nccl' if device == 'cuda' else 'gloo', timeout=dist_timeout())
     if device == 'cuda': device = f'cuda:{local_rank}'
     return Process(rank, local_rank, world, device)
 
@@ -165,7 +173,12 @@ def checkpoint_dir(run: str, stage: str = 'base') -> Path:
 
 def _step_dir(root: Path, step: int) -> Path: return Path(root) / f'step_{step:06d}'
 
-def _atomic_torch_save(obj, path: Path): atomic_write(path, lambda file: torch.save(obj, file))
+def _atomic_torch_save(obj, path: Path):
+    "`torch.save` through `atomic_write`; a failed write (a full disk) stays the OSError it is, not the RuntimeError torch's zip writer makes of it."
+    try: atomic_write(path, lambda file: torch.save(obj, file))
+    except RuntimeError as error:
+        if isinstance(error.__context__, OSError): raise error.__context__ from None
+        raise
 
 class CheckpointError(ValueError):
     "A checkpoint that cannot be used, or a folder where none can be written: the message names the file and what is wrong."
@@ -192,20 +205,24 @@ def save_checkpoint(root, step: int, proc: Process, model_state: dict | None, op
     "Write this rank's part of the checkpoint of `step`; rank 0 also writes the model, then meta with every file's sha256, then publishes the folder."
     root = Path(root)
     final, tmp = _step_dir(root, step), _step_dir(root, step).with_name(f'step_{step:06d}.partial')
-    if proc.master:
-        for stale in root.glob('*.partial'): shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True, exist_ok=True)
-    if proc.distributed: dist.barrier()
-    _atomic_torch_save({'optimizers': optimizer_state, 'loader': loader_state, 'rng': rng_state()},
-                       tmp / f'rank_{proc.rank:03d}.pt')
-    if fault_hook: fault_hook()
-    if proc.master: _atomic_torch_save(model_state, tmp / 'model.pt')
-    if proc.distributed: dist.barrier()      # every rank's file is written
-    if proc.master:
-        sha256 = {file.name: file_sha256(file) for file in sorted(tmp.glob('*.pt'))}
-        save_json({**meta, 'step': step, 'world_size': proc.world_size, 'sha256': sha256}, tmp / 'meta.json')   # last: it completes the folder
-        if final.exists(): shutil.rmtree(final)
-        os.replace(tmp, final)
+    try:
+        if proc.master:
+            for stale in root.glob('*.partial'): shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True, exist_ok=True)
+        if proc.distributed: dist.barrier()
+        _atomic_torch_save({'optimizers': optimizer_state, 'loader': loader_state, 'rng': rng_state()},
+                           tmp / f'rank_{proc.rank:03d}.pt')
+        if fault_hook: fault_hook()
+        if proc.master: _atomic_torch_save(model_state, tmp / 'model.pt')
+        if proc.distributed: dist.barrier()      # every rank's file is written
+        if proc.master:
+            sha256 = {file.name: file_sha256(file) for file in sorted(tmp.glob('*.pt'))}
+            save_json({**meta, 'step': step, 'world_size': proc.world_size, 'sha256': sha256}, tmp / 'meta.json')   # last: it completes the folder
+            if final.exists(): shutil.rmtree(final)
+            os.replace(tmp, final)
+    except OSError as error:     # a full disk, a folder made read-only or replaced: one line, and the earlier checkpoints stay
+        if proc.master: shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot save the checkpoint of step {step} to {final}: {error.strerror or error}") from None
     if proc.distributed: dist.barrier()
     return final
 

@@ -1,7 +1,7 @@
 """`python -m imagelm.base_eval` end to end on a tiny checkpoint, with a byte-baseline checkpoint and an eval bundle
 served on 127.0.0.1: the JSON, the report section and its figure; CORE skipped in one line when the bundle cannot be
 had; and two gloo processes under torchrun give the figures of one."""
-import json, shutil, subprocess, sys
+import json, os, shutil, subprocess, sys
 
 import pytest
 import torch
@@ -93,3 +93,11 @@ def test_two_gloo_processes_give_the_figures_of_one(setup):
     for name in ('imagelm', 'byte_baseline'):
         for key in ('clean', 'swapped', 'fullwidth'): assert two['homoglyph'][name][key] == pytest.approx(one['homoglyph'][name][key], rel=1e-5)
     assert two['homoglyph']['byte_baseline']['windowed'] == one['homoglyph']['byte_baseline']['windowed']
+
+
+@pytest.mark.parametrize('module', ['base_eval', 'chat_eval'])
+def test_no_checkpoint_is_one_line_and_exit_1(tmp_path, module):
+    out = subprocess.run([sys.executable, '-m', f'imagelm.{module}'], env={**os.environ, 'IMAGELM_BASE_DIR': str(tmp_path)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().startswith('error: no ') and len(out.stderr.strip().splitlines()) == 1, out.stderr
