@@ -61,11 +61,11 @@ def test_a_device_this_machine_lacks_is_a_usage_error(capsys):
     assert 'argument --device: cuda is not available on this machine; cpu is' in usage_error(parse_args, ['--device=cuda'], capsys)
 
 
-@pytest.mark.parametrize('argv,expected', [(['--depth=0'], 'depth must be an int >= 1, got 0'),
-                                           (['--d_model=100', '--n_head=3'], 'd_model')])
+@pytest.mark.parametrize('argv,expected', [(['--depth=0'], 'argument --depth: must be >= 1, got 0'),
+                                           (['--d_model=100', '--n_head=3'], 'the model flags do not make a model')])
 def test_model_flags_that_make_no_model_are_a_usage_error(argv, expected, capsys):
     line = usage_error(main, argv, capsys)
-    assert 'the model flags do not make a model' in line and expected in line
+    assert expected in line and (argv[0] != '--d_model=100' or 'd_model' in line)
 
 
 def test_good_flags_still_parse():
